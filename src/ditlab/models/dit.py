@@ -1,0 +1,198 @@
+"""The DiT backbone (Peebles & Xie 2022), with any of the registered conditioning blocks.
+
+State-dict keys of `adaln_zero` models are those of the reference implementation, so released
+checkpoints (DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt) load with strict=True.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ditlab.models.blocks import get_block, modulate
+from ditlab.models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
+
+
+@dataclass(frozen=True)
+class DiTSize:
+    depth: int
+    hidden_size: int
+    num_heads: int
+    in_paper: bool = True
+
+
+DIT_SIZES: dict[str, DiTSize] = {
+    "DiT-S": DiTSize(depth=12, hidden_size=384, num_heads=6),
+    "DiT-B": DiTSize(depth=12, hidden_size=768, num_heads=12),
+    "DiT-L": DiTSize(depth=24, hidden_size=1024, num_heads=16),
+    "DiT-XL": DiTSize(depth=28, hidden_size=1152, num_heads=16),
+    # Not in the paper: a tiny size for CPU work and tests.
+    "DiT-Ti": DiTSize(depth=12, hidden_size=192, num_heads=3, in_paper=False),
+}
+PATCH_SIZES = (2, 4, 8)  # the paper's; any patch size dividing the input works
+
+
+class FinalLayer(nn.Module):
+    """Affine-free LayerNorm, adaLN shift/scale from c, Linear(d -> p·p·out_channels)."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Diffusion Transformer: model(x, t, y) with x (N, C, H, W), t (N,), y (N,) long labels, returns
+    (N, 2C if learn_sigma else C, H, W) — ε and, with learn_sigma, the variance interpolation v.
+
+    Labels lie in [0, num_classes); label `num_classes` is the null label of classifier-free guidance.
+    """
+
+    def __init__(
+        self,
+        *,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+        block: str = "adaln_zero",
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        if input_size % patch_size != 0:
+            divisors = [p for p in range(1, input_size + 1) if input_size % p == 0]
+            raise ValueError(
+                f"patch size {patch_size} does not divide the input size {input_size}; "
+                f"valid patch sizes for this input: {divisors}"
+            )
+        if hidden_size % num_heads != 0:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        block_cls = get_block(block)
+        self.config = dict(
+            input_size=input_size, patch_size=patch_size, in_channels=in_channels,
+            hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+            class_dropout_prob=class_dropout_prob, num_classes=num_classes, learn_sigma=learn_sigma,
+            block=block,
+        )  # fmt: skip
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.num_classes = num_classes
+        self.learn_sigma = learn_sigma
+        self.block_cls = block_cls
+        self.gradient_checkpointing = gradient_checkpointing
+        self.num_patches = (input_size // patch_size) ** 2
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        pos_embed = sincos_pos_embed_2d(hidden_size, input_size // patch_size)[None]  # (1, T, d), fixed
+        self.register_buffer("pos_embed", pos_embed)
+        self.blocks = nn.ModuleList(block_cls(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """The paper's init: xavier-uniform Linears with zero bias, the patch conv as a flattened Linear,
+        N(0, 0.02) label table and timestep MLP, block-specific inits, a zero final layer."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            block.initialize_weights()
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, p·p·C) -> (N, C, H, W), in the reference's (p, q, c) order within a patch."""
+        p, c = self.patch_size, self.out_channels
+        h = w = self.input_size // p
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if x.shape[1:] != (self.in_channels, self.input_size, self.input_size):
+            raise ValueError(
+                f"expected input of shape (N, {self.in_channels}, {self.input_size}, {self.input_size}), "
+                f"got {tuple(x.shape)}"
+            )
+        tokens = self.x_embedder(x) + self.pos_embed  # (N, T, d)
+        t_emb = self.t_embedder(t)  # (N, d)
+        y_emb = self.y_embedder(y)  # (N, d)
+        tokens, cond = self.block_cls.condition(tokens, t_emb, y_emb)
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training:
+                tokens = checkpoint(block, tokens, cond, use_reentrant=False)
+            else:
+                tokens = block(tokens, cond)
+        tokens = self.final_layer(tokens[:, : self.num_patches], t_emb + y_emb)  # drop in-context tokens
+        return self.unpatchify(tokens)
+
+
+def parse_model_name(name: str, patch_size: int | None = None) -> tuple[DiTSize, int]:
+    """ "DiT-XL/2" -> (size, 2); "DiT-XL" takes its patch size from `patch_size`."""
+    size_name, _, patch = name.partition("/")
+    if size_name not in DIT_SIZES:
+        raise ValueError(f"unknown model {name!r}; valid sizes: {', '.join(DIT_SIZES)} (e.g. 'DiT-XL/2')")
+    if patch:
+        if not patch.isdigit():
+            raise ValueError(f"bad patch size in {name!r}; write e.g. 'DiT-XL/2' (patch sizes {PATCH_SIZES})")
+        if patch_size is not None and patch_size != int(patch):
+            raise ValueError(f"model {name!r} conflicts with patch_size={patch_size}")
+        patch_size = int(patch)
+    if patch_size is None:
+        raise ValueError(f"no patch size given for {name!r}; write e.g. '{size_name}/2' or pass patch_size")
+    return DIT_SIZES[size_name], patch_size
+
+
+def build_dit(
+    name: str = "DiT-XL/2",
+    block: str = "adaln_zero",
+    *,
+    input_size: int = 32,
+    in_channels: int = 4,
+    num_classes: int = 1000,
+    learn_sigma: bool = True,
+    patch_size: int | None = None,
+    **kwargs,
+) -> DiT:
+    """Build one point of the design space: `build_dit("DiT-B/4", "adaln")`.
+
+    Extra keyword arguments (mlp_ratio, class_dropout_prob, gradient_checkpointing) go to `DiT`.
+    """
+    size, patch_size = parse_model_name(name, patch_size)
+    return DiT(
+        input_size=input_size,
+        patch_size=patch_size,
+        in_channels=in_channels,
+        hidden_size=size.hidden_size,
+        depth=size.depth,
+        num_heads=size.num_heads,
+        num_classes=num_classes,
+        learn_sigma=learn_sigma,
+        block=block,
+        **kwargs,
+    )

@@ -1,0 +1,79 @@
+"""Input embeddings of DiT: patches, fixed 2-D positions, timesteps and class labels."""
+
+import math
+
+import torch
+from torch import nn
+
+
+class PatchEmbed(nn.Module):
+    """Patchify (N, C, H, W) into (N, T, d) tokens, T = (H/p)·(W/p), with a conv of kernel = stride = p."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def sincos_pos_embed_2d(hidden_size: int, grid_size: int) -> torch.Tensor:
+    """Fixed MAE-style 2-D sine-cosine position embedding, computed in float64.
+
+    Returns (grid_size², hidden_size) float32, token index = row·grid_size + col. The first half of the
+    channels encodes the column index and the second half the row index (as in the reference), each
+    half laid out as [sin, cos] over hidden_size/4 frequencies.
+    """
+    if hidden_size % 4 != 0:
+        raise ValueError(f"hidden_size must be divisible by 4 for 2-D sin-cos embeddings, got {hidden_size}")
+    omega = 1.0 / 10000 ** (torch.arange(hidden_size // 4, dtype=torch.float64) / (hidden_size / 4))
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    row, col = torch.meshgrid(coords, coords, indexing="ij")
+
+    def embed_1d(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.reshape(-1, 1) * omega[None]  # (T, d/4)
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+    return torch.cat([embed_1d(col), embed_1d(row)], dim=1).float()
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps (N,) -> (N, d): 256 sinusoidal frequencies [cos, sin], then Linear-SiLU-Linear."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, max_period: float = 10000.0):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+        self.max_period = max_period
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        # Frequencies in float32 on every call (not a buffer) so that casting the model to bf16 cannot
+        # round them; torch.compile folds them into a constant.
+        half = self.frequency_embedding_size // 2
+        exponent = torch.arange(half, dtype=torch.float32, device=t.device) / half
+        args = t.float()[:, None] * torch.exp(-math.log(self.max_period) * exponent)[None]
+        t_freq = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels (N,) -> (N, d). Row `num_classes` is the null label of classifier-free guidance.
+
+    While training, each label is replaced by the null label with probability `class_dropout_prob`.
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int, class_dropout_prob: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.class_dropout_prob = class_dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if self.training and self.class_dropout_prob > 0:
+            drop = torch.rand(y.shape, device=y.device) < self.class_dropout_prob
+            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        return self.embedding_table(y)
