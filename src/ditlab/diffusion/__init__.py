@@ -1,0 +1,37 @@
+"""The diffusion objective and samplers of DiT: schedules, Gaussian diffusion, guidance."""
+
+from ditlab.diffusion.gaussian_diffusion import (
+    GaussianDiffusion,
+    approx_standard_normal_cdf,
+    discretized_gaussian_log_likelihood,
+    normal_kl,
+)
+from ditlab.diffusion.guidance import cfg_model_fn
+from ditlab.diffusion.schedules import make_betas, space_timesteps
+
+__all__ = [
+    "GaussianDiffusion",
+    "approx_standard_normal_cdf",
+    "cfg_model_fn",
+    "create_diffusion",
+    "discretized_gaussian_log_likelihood",
+    "make_betas",
+    "normal_kl",
+    "space_timesteps",
+]
+
+
+def create_diffusion(
+    timestep_respacing: str | int | None = None,
+    noise_schedule: str = "linear",
+    learn_sigma: bool = True,
+    diffusion_steps: int = 1000,
+) -> GaussianDiffusion:
+    """The paper's diffusion: `diffusion_steps` ε-prediction steps of `noise_schedule`, learned-range
+    variance with the hybrid loss (fixed small variance with L_simple when learn_sigma is False),
+    respaced to `timestep_respacing` (e.g. "250" or "ddim50") when given: train with None, sample
+    with "250"."""
+    diffusion = GaussianDiffusion(make_betas(noise_schedule, diffusion_steps), learn_sigma=learn_sigma)
+    if timestep_respacing in (None, ""):
+        return diffusion
+    return diffusion.respace(timestep_respacing)
