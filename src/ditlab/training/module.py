@@ -1,0 +1,223 @@
+"""The LightningModule: a DiT trained with the diffusion objective, with an EMA copy for sampling."""
+
+import copy
+import random
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from ditlab.diffusion import GaussianDiffusion, cfg_model_fn
+from ditlab.metrics import count_params, forward_flops
+from ditlab.models import DiT
+
+CHECKPOINT_VERSION = 1
+
+
+class DiTModule(L.LightningModule):
+    """Trains `model` (a DiT) on `diffusion.training_losses` with AdamW and an EMA of its weights.
+
+    Batches are (x, y): images in [-1, 1] encoded by `autoencoder` in the loop when `encode_batches`,
+    or latents already (pixel space, or pre-extracted latents). `info` is plain data describing the run
+    (data, autoencoder, design-space coordinates); it is stored in every checkpoint under "ditlab" next
+    to the model config, so that a checkpoint alone rebuilds the model.
+
+    The EMA is an extra frozen copy of the model, updated after every optimizer step with one
+    `_foreach_lerp_` (rather than Lightning's EMAWeightAveraging, whose per-tensor update and
+    checkpoint-swapping layout fit large models and exact resumption less well). It is saved in the
+    checkpoint as `ema.*`, so resumption restores it exactly.
+
+    Non-finite losses: the fused AdamW step is skipped on the device (its `found_inf` input), so no
+    host sync is needed per step; the run aborts with a clear message once `max_nonfinite_steps`
+    steps in a row were skipped (checked at logging steps).
+    """
+
+    def __init__(
+        self,
+        model: DiT,
+        diffusion: GaussianDiffusion,
+        autoencoder: nn.Module,
+        *,
+        encode_batches: bool = False,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        ema_decay: float = 0.9999,
+        max_nonfinite_steps: int = 5,
+        compile: bool = False,
+        seed: int = 0,
+        info: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.model = model
+        self.ema = copy.deepcopy(model).requires_grad_(False).eval()
+        self.diffusion = diffusion
+        self.autoencoder = autoencoder.requires_grad_(False).eval()
+        self.encode_batches = encode_batches
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.warmup_steps = warmup_steps
+        self.ema_decay = ema_decay
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.compile_model = compile
+        self.seed = seed
+        self.info = dict(info or {})
+        self.register_buffer("nonfinite_in_a_row", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("nonfinite_total", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("found_inf", torch.zeros(()), persistent=False)
+        self.flops_per_batch: int | None = None  # read by Lightning's ThroughputMonitor for MFU
+        self._rng_to_restore: dict[str, Any] | None = None
+
+    # ---- training ------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            # The paper's per-rank seed (label dropout, flips); diffusion noise is seeded per step below.
+            torch.manual_seed(self.seed * self.trainer.world_size + self.global_rank)
+            if self.compile_model:
+                self.model.compile()  # in place: state-dict keys stay free of `_orig_mod.`
+
+    def on_fit_start(self) -> None:
+        batch_size = self.trainer.datamodule.batch_size if self.trainer.datamodule else 1
+        self.flops_per_batch = 3 * forward_flops(self.model) * batch_size  # forward + backward ≈ 3×
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if self.encode_batches:
+            with torch.no_grad():
+                x = self.autoencoder.encode(x)
+        t, noise = self.step_noise(x)
+        losses = self.diffusion.training_losses(self.model, x, t=t, noise=noise, model_kwargs={"y": y})
+        loss = losses["loss"].mean()
+        nonfinite = ~torch.isfinite(loss)
+        self.found_inf.copy_(nonfinite)  # AdamW(fused) skips its update when this is 1
+        self.nonfinite_in_a_row.copy_(torch.where(nonfinite, self.nonfinite_in_a_row + 1, 0))
+        self.nonfinite_total.add_(nonfinite)
+        metrics = {"train/loss": loss, "train/mse": losses["mse"].mean()}
+        if "vb" in losses:
+            metrics["train/vb"] = losses["vb"].mean()
+        self.log_dict(metrics, prog_bar=True)
+        self.log("train/nonfinite_steps", self.nonfinite_total.float())
+        return loss
+
+    def step_noise(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timesteps (N,) and noise like x for this rank's share of the global batch.
+
+        Drawn for the whole global batch from a generator seeded by (seed, step), then sliced by rank:
+        the same examples get the same t and noise on any number of processes, and a resumed run
+        draws what the uninterrupted one did.
+        """
+        n, world, rank = x.shape[0], self.trainer.world_size, self.global_rank
+        generator = torch.Generator(x.device).manual_seed(self.seed * 1_000_003 + self.global_step)
+        t = torch.randint(0, self.diffusion.num_timesteps, (n * world,), generator=generator, device=x.device)
+        noise = torch.randn((n * world, *x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)
+        return t[rank * n : (rank + 1) * n], noise[rank * n : (rank + 1) * n]
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema()
+        if self.global_step % self.trainer.log_every_n_steps == 0:  # a host sync: only at logging steps
+            self.check_nonfinite()
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """ema ← decay·ema + (1 − decay)·model, in one foreach kernel per dtype."""
+        ema_params = list(self.ema.parameters())
+        model_params = list(self.model.parameters())
+        torch._foreach_lerp_(ema_params, model_params, 1.0 - self.ema_decay)
+
+    def check_nonfinite(self) -> None:
+        in_a_row = int(self.nonfinite_in_a_row)
+        if in_a_row >= self.max_nonfinite_steps:
+            raise RuntimeError(
+                f"the loss was NaN/inf for {in_a_row} steps in a row (step {self.global_step}, "
+                f"{int(self.nonfinite_total)} in all); those updates were skipped. Lower optim.lr, set "
+                "optim.grad_clip (e.g. 1.0), or use trainer.precision=bf16-mixed rather than 16-mixed."
+            )
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay, fused=True
+        )
+        optimizer.found_inf = self.found_inf  # read by the fused kernel: skip the step on a bad loss
+        warmup = max(self.warmup_steps, 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- sampling ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        labels: torch.Tensor,
+        *,
+        cfg_scale: float = 1.0,
+        sampler: str = "ddim",
+        steps: int = 50,
+        guidance_channels: int | None = None,
+        generator: torch.Generator | None = None,
+        use_ema: bool = True,
+    ) -> torch.Tensor:
+        """Images (N, C, H, W) in [-1, 1] for `labels` (N,), from the EMA weights by default."""
+        if sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"unknown sampler {sampler!r}; valid: ddpm, ddim")
+        net = (self.ema if use_ema else self.model).eval()
+        diffusion = self.diffusion.respace(f"ddim{steps}" if sampler == "ddim" else str(steps))
+        model_fn = cfg_model_fn(
+            net, cfg_scale, null_class=net.num_classes, guidance_channels=guidance_channels
+        )
+        shape = (len(labels), net.in_channels, net.input_size, net.input_size)
+        loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
+        z = loop(model_fn, shape, model_kwargs={"y": labels}, generator=generator, device=self.device)
+        return self.autoencoder.decode(z).clamp(-1, 1)
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ditlab"] = {
+            "version": CHECKPOINT_VERSION,
+            "model_config": dict(self.model.config),
+            **self.info,
+        }
+        checkpoint["rng"] = {
+            "python": random.getstate(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        checkpoint["nonfinite_total"] = int(self.nonfinite_total)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("ditlab", {}).get("model_config")
+        if saved is not None and saved != self.model.config:
+            diff = {
+                k: (saved.get(k), self.model.config.get(k)) for k in saved.keys() | self.model.config.keys()
+            }
+            diff = {k: v for k, v in diff.items() if v[0] != v[1]}
+            raise ValueError(
+                "cannot resume: the checkpoint holds a different model. Differences (checkpoint, this run): "
+                + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in sorted(diff.items()))
+                + ". Resume with the same block/model/patch/data overrides, or start a new run with init_from=."
+            )
+        self._rng_to_restore = checkpoint.get("rng")
+        self.nonfinite_total.fill_(checkpoint.get("nonfinite_total", 0))
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # RNG states are restored right before the first resumed step, after Lightning has set up the
+        # loaders, so the resumed run draws exactly the noise and timesteps the uninterrupted one did.
+        if self._rng_to_restore is not None:
+            rng, self._rng_to_restore = self._rng_to_restore, None
+            random.setstate(rng["python"])
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Initialise model and EMA from DiT weights (fine-tuning from a released checkpoint)."""
+        self.model.load_state_dict(state_dict)
+        self.ema.load_state_dict(state_dict)
+
+    def complexity(self) -> dict[str, float]:
+        """Forward Gflops per sample (the paper's convention) and parameters in millions."""
+        return {"gflops": forward_flops(self.model) / 2e9, "params_m": count_params(self.model) / 1e6}

@@ -1,0 +1,193 @@
+"""Builds and runs one training job from a composed Hydra config (the body of `src/train.py`)."""
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from ditlab.training.callbacks import AtomicCheckpointIO, CheckpointOnSigterm, SampleGrid
+from ditlab.training.module import DiTModule
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run, with what to change."""
+
+
+def resolve_devices(cfg: DictConfig) -> None:
+    """accelerator/precision "auto": GPU with bf16 autocast when CUDA is there, else CPU in fp32."""
+    trainer = cfg.trainer
+    wants_gpu = trainer.accelerator in ("gpu", "cuda")
+    if wants_gpu and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={trainer.accelerator} but no CUDA GPU is visible; run on CPU with "
+            "trainer=cpu (or trainer.accelerator=cpu), or check CUDA_VISIBLE_DEVICES and the driver"
+        )
+    with open_dict(trainer):
+        on_gpu = wants_gpu or (trainer.accelerator == "auto" and torch.cuda.is_available())
+        if trainer.accelerator == "auto":
+            trainer.accelerator = "gpu" if on_gpu else "cpu"
+        if trainer.precision == "auto":
+            trainer.precision = "bf16-mixed" if on_gpu else "32-true"
+    if on_gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True  # the reference's setting for fp32 work
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def world_size(cfg: DictConfig) -> int:
+    devices = cfg.trainer.devices
+    if devices in (-1, "auto"):
+        devices = torch.cuda.device_count() if cfg.trainer.accelerator == "gpu" else 1
+    elif isinstance(devices, str | list):
+        devices = len(devices) if isinstance(devices, list) else len(devices.split(","))
+    return int(devices) * int(cfg.trainer.num_nodes)
+
+
+def coordinates(cfg: DictConfig) -> dict[str, Any]:
+    """The run's point in the design space, as logged to W&B config and tags."""
+    return {"block": cfg.block.name, "model": cfg.model.name, "patch": cfg.patch.size}
+
+
+def isolate_ddp_children_from_sweep() -> None:
+    """Under a Hydra multirun, Lightning's DDP launcher re-executes sys.argv (which holds the whole
+    sweep) in each child process. Make the children run only this job, in this job's folder."""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+        with read_write(hydra_cfg.run):
+            hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+
+
+def build_loggers(cfg: DictConfig, tags: list[str], group: str | None) -> list[Any]:
+    loggers = []
+    for logger_cfg in (cfg.logger or {}).values():
+        if "WandbLogger" in logger_cfg._target_:
+            if os.environ.get("WANDB_MODE") == "disabled":
+                continue
+            offline = os.environ.get("WANDB_MODE") == "offline" or not wandb_logged_in()
+            logger = instantiate(
+                logger_cfg, name=cfg.run_name, group=group, tags=tags, offline=offline,
+                config=OmegaConf.to_container(cfg, resolve=True),
+            )  # fmt: skip
+        else:
+            logger = instantiate(logger_cfg)
+        loggers.append(logger)
+    return loggers
+
+
+def wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def build_module(cfg: DictConfig, datamodule: Any, autoencoder: Any) -> DiTModule:
+    in_channels, input_size = datamodule.model_input_shape(autoencoder)
+    model = instantiate(
+        cfg.net, input_size=input_size, in_channels=in_channels, num_classes=datamodule.num_classes
+    )
+    diffusion = instantiate(cfg.diffusion)
+    info = {
+        "coordinates": coordinates(cfg),
+        "diffusion": OmegaConf.to_container(cfg.diffusion, resolve=True),
+        "autoencoder": autoencoder.config,
+        "data": {
+            "name": type(datamodule).__name__,
+            "num_classes": datamodule.num_classes,
+            "image_size": datamodule.image_size,
+            "channels": datamodule.channels,
+            "class_names": list(datamodule.class_names),
+        },
+    }
+    module = DiTModule(
+        model, diffusion, autoencoder,
+        encode_batches=not datamodule.is_latent,
+        lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas),
+        warmup_steps=cfg.optim.warmup_steps, ema_decay=cfg.optim.ema_decay,
+        compile=cfg.compile, seed=cfg.seed, info=info,
+    )  # fmt: skip
+    if cfg.init_from:
+        from ditlab.interop.checkpoints import load_dit
+
+        module.load_weights(load_dit(cfg.init_from, expect=model.config).model.state_dict())
+    return module
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Trains one point of the design space; returns where its outputs are."""
+    resolve_devices(cfg)
+    n_processes = world_size(cfg)
+    if cfg.optim.global_batch_size % n_processes:
+        raise ConfigError(
+            f"optim.global_batch_size={cfg.optim.global_batch_size} is not divisible by the "
+            f"{n_processes} processes (devices × nodes); pick a multiple of {n_processes}"
+        )
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    datamodule.batch_size = cfg.optim.global_batch_size // n_processes
+    datamodule.global_batch_size = cfg.optim.global_batch_size
+    datamodule.seed = cfg.seed
+    autoencoder = instantiate(cfg.autoencoder)
+    module = build_module(cfg, datamodule, autoencoder)
+
+    hydra_cfg = HydraConfig.get()
+    group = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
+    tags = [f"{k}={v}" for k, v in coordinates(cfg).items()]
+    loggers = build_loggers(cfg, tags, group)
+    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
+    isolate_ddp_children_from_sweep()
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
+    )
+    output_dir = Path(cfg.paths.output_dir)
+    result: dict[str, Any] = {"output_dir": str(output_dir)}
+    try:
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        except SIGTERMException:
+            saved = next((c.saved for c in callbacks if isinstance(c, CheckpointOnSigterm)), None)
+            print(
+                f"[ditlab] SIGTERM at step {trainer.global_step}: saved {saved}; resume with ckpt_path={saved}"
+            )
+            result["preempted_checkpoint"] = str(saved)
+        if trainer.is_global_zero:
+            result.update(report(callbacks, loggers, output_dir))
+    finally:
+        for logger in loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.finish()  # one W&B run per Hydra job, also in a multirun
+    return result
+
+
+def report(callbacks: list[Any], loggers: list[Any], output_dir: Path) -> dict[str, Any]:
+    """Prints where the run's outputs are."""
+    found: dict[str, Any] = {"model_json": str(output_dir / "model.json")}
+    ckpt = output_dir / "checkpoints" / "last.ckpt"
+    if ckpt.exists():
+        found["checkpoint"] = str(ckpt)
+    for c in callbacks:
+        if isinstance(c, SampleGrid) and c.last_path is not None:
+            found["samples"] = str(c.last_path)
+        if hasattr(c, "last_result") and c.last_result:
+            found["fid"] = c.last_result
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            run_dir = Path(logger.experiment.dir).parent if logger.experiment else None
+            found["wandb"] = str(run_dir)
+            if logger._offline:
+                found["wandb_sync"] = f"wandb sync {run_dir}"
+        else:
+            found[type(logger).__name__] = getattr(logger, "log_dir", None)
+    print("[ditlab] finished:")
+    for key, value in found.items():
+        print(f"  {key:>16}: {value}")
+    return found
