@@ -177,11 +177,13 @@ def build_dit(
     num_classes: int = 1000,
     learn_sigma: bool = True,
     patch_size: int | None = None,
+    depth: int | None = None,
     **kwargs,
 ) -> DiT:
     """Build one point of the design space: `build_dit("DiT-B/4", "adaln")`.
 
-    Extra keyword arguments (mlp_ratio, class_dropout_prob, gradient_checkpointing) go to `DiT`.
+    `depth` overrides the size's number of blocks (for depth ablations and fast tests). Extra keyword
+    arguments (mlp_ratio, class_dropout_prob, gradient_checkpointing) go to `DiT`.
     """
     size, patch_size = parse_model_name(name, patch_size)
     return DiT(
@@ -189,7 +191,7 @@ def build_dit(
         patch_size=patch_size,
         in_channels=in_channels,
         hidden_size=size.hidden_size,
-        depth=size.depth,
+        depth=size.depth if depth is None else depth,
         num_heads=size.num_heads,
         num_classes=num_classes,
         learn_sigma=learn_sigma,
