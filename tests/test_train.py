@@ -1,0 +1,258 @@
+"""The training platform through its command line (subprocesses, as a user runs it) and in-process."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from torch.utils.data import DataLoader
+
+from ditlab.diffusion import create_diffusion
+from ditlab.models import build_dit
+from ditlab.training.callbacks import AtomicCheckpointIO
+from ditlab.training.module import DiTModule
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+needs_fashion_mnist = pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="apt-get install dataset-fashion-mnist"
+)
+
+# A tiny, fast point: 2-layer model, 256 training images, short sampling.
+TINY = [
+    "model=DiT-Ti", "patch=8", "+net.depth=2",
+    "data.limit_train_samples=256", "optim.global_batch_size=16", "optim.warmup_steps=0",
+    "trainer.log_every_n_steps=1", "callbacks.sample_grid.steps=2", "callbacks.sample_grid.per_class=1",
+    "callbacks.sample_grid.max_classes=3", "callbacks.sample_grid.every_n_steps=0",
+]  # fmt: skip
+
+
+def run_train(tmp_path: Path, *overrides: str, env: dict | None = None, check: bool = True):
+    full_env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0", **(env or {})}
+    args = [sys.executable, str(ROOT / "src" / "train.py"), *overrides]
+    if not any(o.startswith("hydra.run.dir") or o == "-m" for o in overrides):
+        args.append(f"hydra.run.dir={tmp_path}")
+    proc = subprocess.run(args, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
+    return proc
+
+
+def logged_losses(run_dir: Path) -> dict[int, float]:
+    with open(next(run_dir.glob("csv/version_*/metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+
+
+def option_names(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "group",
+    [
+        "block",
+        "model",
+        "patch",
+        "data",
+        "autoencoder",
+        "diffusion",
+        "optim",
+        "trainer",
+        "logger",
+        "callbacks",
+    ],
+)
+def test_every_config_group_option_composes(group):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        for option in option_names(group):
+            cfg = compose("train", overrides=[f"{group}={option}"], return_hydra_config=False)
+            assert cfg[group] is not None
+    assert option_names("block") == ["adaln", "adaln_zero", "cross_attention", "in_context"]
+    assert option_names("patch") == ["2", "4", "8"]
+
+
+def test_experiment_presets_compose():
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        for option in option_names("experiment"):
+            cfg = compose("train", overrides=[f"experiment={option}"])
+            assert cfg.optim.lr > 0
+
+
+def test_hydra_launchers_compose():
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        for launcher in ("basic", "slurm", "submitit_local", "submitit_slurm"):
+            cfg = compose("train", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+            assert cfg.hydra.launcher._target_
+
+
+@needs_fashion_mnist
+def test_train_writes_checkpoint_samples_and_model_info(tmp_path):
+    proc = run_train(tmp_path, *TINY, "trainer.max_steps=3", "logger=csv")
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3
+    assert ckpt["ditlab"]["model_config"]["patch_size"] == 8
+    assert ckpt["ditlab"]["coordinates"] == {"block": "adaln_zero", "model": "DiT-Ti", "patch": 8}
+    assert any(k.startswith("ema.") for k in ckpt["state_dict"])
+    assert not any("_orig_mod" in k for k in ckpt["state_dict"])
+    model_sd = {k[6:]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    ema_sd = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("ema.")}
+    assert model_sd.keys() == ema_sd.keys()
+    assert (tmp_path / "samples" / "final.png").is_file()
+    assert "Gflops" in proc.stdout and "checkpoint" in proc.stdout
+    losses = logged_losses(tmp_path)
+    assert len(losses) == 3 and all(0 < v < 10 for v in losses.values())
+
+
+@needs_fashion_mnist
+def test_resume_reproduces_the_loss_curve(tmp_path):
+    common = [*TINY, "logger=csv", "callbacks.model_checkpoint.every_n_train_steps=3"]
+    full, first = tmp_path / "full", tmp_path / "first"
+    full.mkdir(), first.mkdir()
+    run_train(full, *common, "trainer.max_steps=6", f"hydra.run.dir={full}")
+    run_train(
+        first,
+        *common,
+        "trainer.max_steps=6",
+        f"hydra.run.dir={first}",
+        "callbacks.model_checkpoint.save_last=false",
+    )
+    step3 = first / "checkpoints" / "step_0000003.ckpt"
+    assert step3.is_file()
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    run_train(resumed, *common, "trainer.max_steps=6", f"hydra.run.dir={resumed}", f"ckpt_path={step3}")
+    reference, continued = logged_losses(full), logged_losses(resumed)
+    assert sorted(continued) == [3, 4, 5]  # Lightning logs 0-based step indices
+    for step in (3, 4, 5):
+        assert continued[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7)
+    final_full = torch.load(full / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    final_resumed = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    for key in final_full:
+        torch.testing.assert_close(final_resumed[key], final_full[key], rtol=1e-5, atol=1e-6)
+
+
+@needs_fashion_mnist
+def test_patch_sweep_gives_one_run_per_point(tmp_path):
+    proc = run_train(
+        tmp_path, "-m", "patch=2,4,8", *[o for o in TINY if not o.startswith("patch")], "trainer.max_steps=1",
+        f"hydra.sweep.dir={tmp_path}/sweep", "logger=wandb",
+        env={"WANDB_MODE": "offline", "HOME": str(tmp_path), "WANDB_API_KEY": ""},
+    )  # fmt: skip
+    runs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert runs == ["0_adaln_zero-DiT-Ti-p2", "1_adaln_zero-DiT-Ti-p4", "2_adaln_zero-DiT-Ti-p8"]
+    for run in runs:
+        run_dir = tmp_path / "sweep" / run
+        assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+        offline = list((run_dir / "wandb").glob("offline-run-*"))
+        assert len(offline) == 1, f"{run}: expected one offline W&B run, found {offline}"
+    assert proc.stdout.count("wandb sync") == 3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["block=film"], "Could not find 'block/film'"),
+        (["patch=8", "data.image_size=36"], "patch size 8 does not divide the input size 36"),
+        (["data.root=/nonexistent", "data.download=false"], "Fashion-MNIST"),
+        (["trainer.accelerator=gpu"], "no CUDA GPU is visible"),
+        (["optim.global_batch_size=15", "trainer=ddp_cpu"], "not divisible by the 2 processes"),
+    ],
+)
+def test_clear_errors(tmp_path, overrides, message):
+    proc = run_train(tmp_path, *overrides, "trainer.max_steps=1", check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr + proc.stdout
+    if "Could not find" not in message:
+        assert "Traceback" not in proc.stderr
+
+
+@needs_fashion_mnist
+def test_resuming_with_another_model_is_refused_clearly(tmp_path):
+    run_train(tmp_path / "a", *TINY, "trainer.max_steps=1", f"hydra.run.dir={tmp_path}/a", "logger=none")
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    proc = run_train(tmp_path, *TINY, "patch=4", f"ckpt_path={ckpt}", "trainer.max_steps=2", check=False)
+    assert proc.returncode == 2
+    assert "cannot resume: the checkpoint holds a different model" in proc.stderr
+    assert "patch_size: 8 vs 4" in proc.stderr
+
+
+@needs_fashion_mnist
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, str(ROOT / "src" / "train.py"), *TINY, "trainer.max_steps=100000", "logger=none",
+            "callbacks.model_checkpoint.every_n_train_steps=100000", f"hydra.run.dir={tmp_path}"]  # fmt: skip
+    proc = subprocess.Popen(
+        args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.time() + 120
+    seen = ""
+    while time.time() < deadline and "Gflops" not in seen:
+        seen += proc.stdout.readline()
+    time.sleep(3)  # a few steps
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, seen + out
+    assert "SIGTERM at step" in out
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] > 0
+
+
+def test_atomic_checkpoint_write_never_leaves_a_corrupt_file(tmp_path):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": torch.tensor(1)}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        io.save_checkpoint({"step": torch.tensor(2), "bad": Unpicklable()}, path)
+    assert io.load_checkpoint(path)["step"].item() == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+class NaNImages(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        return torch.full((1, 8, 8), float("nan")), torch.tensor(i % 2)
+
+
+def test_nonfinite_losses_are_skipped_then_abort():
+    model = build_dit("DiT-Ti/4", input_size=8, in_channels=1, num_classes=2)
+    model.blocks = model.blocks[:1]
+    module = DiTModule(model, create_diffusion(), torch.nn.Identity(), max_nonfinite_steps=3)
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = L.Trainer(
+        max_steps=10, log_every_n_steps=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="NaN/inf for 3 steps in a row"):
+        trainer.fit(module, DataLoader(NaNImages(), batch_size=8))
+    assert trainer.global_step == 3
+    for p, p0 in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, p0)  # every update was skipped
+
+
+def test_ema_update_is_the_closed_form():
+    model = build_dit("DiT-Ti/8", input_size=8, in_channels=1, num_classes=2)
+    module = DiTModule(model, create_diffusion(), torch.nn.Identity(), ema_decay=0.9)
+    ema0 = [p.detach().clone() for p in module.ema.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    module.update_ema()
+    for e, e0, p in zip(module.ema.parameters(), ema0, model.parameters(), strict=True):
+        torch.testing.assert_close(e, 0.9 * e0 + 0.1 * p)
