@@ -1,0 +1,343 @@
+"""Sampling many images reproducibly, in the reference evaluation's format.
+
+Every image i has its own random stream, a generator seeded with `seed·1_000_003 + i`, from which its
+label (when drawn), its starting noise and every step's noise are taken: image i is the same whatever the
+batch size, the number of ranks, or how often the job was interrupted. Work is cut into batches; each
+finished batch is written atomically as a shard `<out>.parts/<start>-<end>.npz`, so a killed job re-run
+with the same arguments skips finished shards. Ranks (torchrun's RANK/WORLD_SIZE) take disjoint ranges of
+batches; rank 0 waits for all shards and writes `<out>.npz` in the ADM layout (`arr_0`: N×H×W×3 uint8,
+`arr_1`: labels), streamed so that 50,000 images never sit in memory at once, and a PNG grid.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import time
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchvision.utils import save_image
+from tqdm.auto import tqdm
+
+from ditlab.autoencoders import Autoencoder
+from ditlab.diffusion import GaussianDiffusion, cfg_model_fn, create_diffusion
+from ditlab.interop.checkpoints import LoadedDiT
+
+SAMPLERS = ("ddpm", "ddim")
+PRECISIONS = ("fp32", "tf32", "bf16")
+SEED_STRIDE = 1_000_003  # image i of seed s draws from seed s·SEED_STRIDE + i: streams of seeds stay apart
+
+
+def image_generators(seed: int, indices: Sequence[int], device: torch.device | str) -> list[torch.Generator]:
+    """One generator per image, seeded by the run's seed and the image's global index."""
+    return [torch.Generator(device).manual_seed(seed * SEED_STRIDE + i) for i in indices]
+
+
+def _randn(generators: list[torch.Generator], shape: tuple[int, ...]) -> Tensor:
+    """(N, *shape) standard normal noise, row i from generators[i]."""
+    return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generators])
+
+
+def reverse_step(
+    diffusion: GaussianDiffusion,
+    model_fn: Callable[[Tensor, Tensor, Tensor], Tensor],
+    x: Tensor,
+    t: Tensor,
+    y: Tensor,
+    *,
+    sampler: str = "ddpm",
+    eta: float = 0.0,
+    noise: Tensor | None = None,
+    clip_denoised: bool = False,
+) -> Tensor:
+    """One step x_t -> x_{t-1} (x: (N, C, H, W), t: (N,) indices of `diffusion`'s steps, y: (N,) labels).
+
+    The same step as `diffusion.p_sample` (ancestral, no noise at t = 0) or `diffusion.ddim_sample`, but
+    with the noise (N, C, H, W) given, so that it can come from per-image generators; `noise` may be None
+    for DDIM with eta = 0.
+    """
+    out = model_fn(x, diffusion.timestep_map[t], y)
+    p = diffusion.p_mean_variance(out, x, t, clip_denoised)
+    view = (-1, *([1] * (x.ndim - 1)))
+    if sampler == "ddpm":
+        nonzero = (t != 0).to(x.dtype).view(view)
+        return p["mean"] + nonzero * (0.5 * p["log_variance"]).exp() * noise
+    x0 = p["pred_xstart"]
+    gather = lambda table: table[t].to(x.dtype).view(view)  # noqa: E731
+    eps = (gather(diffusion.sqrt_recip_alphas_cumprod) * x - x0) / gather(
+        diffusion.sqrt_recipm1_alphas_cumprod
+    )
+    alpha_bar, alpha_bar_prev = gather(diffusion.alphas_cumprod), gather(diffusion.alphas_cumprod_prev)
+    sample = alpha_bar_prev.sqrt() * x0
+    if eta == 0:
+        return sample + (1 - alpha_bar_prev).sqrt() * eps
+    sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
+    return sample + (1 - alpha_bar_prev - sigma**2).sqrt() * eps + sigma * noise
+
+
+@torch.no_grad()
+def sample_latents(
+    model_fn: Callable[[Tensor, Tensor, Tensor], Tensor],
+    diffusion: GaussianDiffusion,
+    generators: list[torch.Generator],
+    shape: tuple[int, int, int],
+    *,
+    labels: Tensor | None = None,
+    num_classes: int | None = None,
+    sampler: str = "ddpm",
+    eta: float = 0.0,
+    clip_denoised: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Run the reverse process for len(generators) images of `shape` (C, H, W), each from its generator.
+
+    Labels (N,) are `labels`, or drawn uniformly from [0, num_classes) with each image's generator (first,
+    before its noise). Returns (latents (N, C, H, W), labels (N,)), on the generators' device.
+    """
+    device = generators[0].device
+    if labels is None:
+        labels = torch.cat([torch.randint(num_classes, (1,), generator=g, device=device) for g in generators])
+    x = _randn(generators, shape)
+    noisy = sampler == "ddpm" or eta > 0
+    for i in range(diffusion.num_timesteps - 1, -1, -1):
+        t = torch.full((len(generators),), i, device=device, dtype=torch.long)
+        noise = _randn(generators, shape) if noisy else None
+        x = reverse_step(
+            diffusion,
+            model_fn,
+            x,
+            t,
+            labels,
+            sampler=sampler,
+            eta=eta,
+            noise=noise,
+            clip_denoised=clip_denoised,
+        )
+    return x, labels
+
+
+def to_uint8_rgb(images: Tensor) -> Tensor:
+    """Images (N, 1 or 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8, grey replicated, rounded as the reference."""
+    if images.shape[1] not in (1, 3):
+        raise ValueError(f"images must have 1 or 3 channels to be saved, got {images.shape[1]}")
+    pixels = (127.5 * images + 128.0).clamp(0, 255).to(torch.uint8)  # 128 = 127.5 + 0.5: rounds
+    return pixels.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).contiguous()
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def save_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """Write `arr_0` (images) and `arr_1` (labels) atomically."""
+    tmp = _tmp(path)
+    with open(tmp, "wb") as f:
+        np.savez(f, images, labels)
+    os.replace(tmp, path)
+
+
+def concat_npz(path: Path, parts: list[Path]) -> tuple[int, ...]:
+    """Concatenate the `arr_0`/`arr_1` of shard files, in order, into one `.npz`, atomically and streaming
+    (one shard in memory at a time). Returns the shape of `arr_0`."""
+    shapes = {}
+    for key in ("arr_0", "arr_1"):
+        with np.load(parts[0], allow_pickle=False) as first:
+            dtype, rest = first[key].dtype, first[key].shape[1:]
+        count = 0
+        for part in parts:
+            with np.load(part, allow_pickle=False) as shard:
+                count += shard[key].shape[0]
+        shapes[key] = (count, *rest), dtype
+    tmp = _tmp(path)
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for key, (shape, dtype) in shapes.items():  # an .npz is a zip of .npy files
+            with archive.open(f"{key}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(
+                    f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+                )
+                for part in parts:
+                    with np.load(part, allow_pickle=False) as shard:
+                        f.write(np.ascontiguousarray(shard[key]).tobytes())
+    os.replace(tmp, path)
+    return shapes["arr_0"][0]
+
+
+@contextlib.contextmanager
+def _matmul_precision(precision: str) -> Iterator[None]:
+    """TF32 matrix products for "tf32" only (restored afterwards)."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def output_paths(out: str | os.PathLike) -> dict[str, Path]:
+    """`npz`, `png` and `parts` paths of an output stem (a trailing .npz or .png is dropped)."""
+    stem = Path(out)
+    if stem.suffix in (".npz", ".png"):
+        stem = stem.with_suffix("")
+    return {ext: stem.with_name(stem.name + "." + ext) for ext in ("npz", "png", "parts")}
+
+
+def _check_manifest(parts: Path, manifest: dict[str, Any]) -> None:
+    """Record the arguments of this job in `parts`, or check them against those of an interrupted one."""
+    path = parts / "job.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != manifest:
+            diff = sorted(k for k in old.keys() | manifest.keys() if old.get(k) != manifest.get(k))
+            raise ValueError(
+                f"{parts} holds shards of a job with other arguments ({', '.join(diff)} differ); rerun with the "
+                "same arguments to resume it, or delete that folder / choose another out="
+            )
+        return
+    tmp = _tmp(path)
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, path)
+
+
+def generate(
+    loaded: LoadedDiT,
+    out: str | os.PathLike,
+    *,
+    labels: Sequence[int] | None = None,
+    num_samples: int | None = None,
+    cfg_scale: float = 1.0,
+    guidance_channels: int | None = None,
+    sampler: str = "ddpm",
+    steps: int = 250,
+    eta: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 32,
+    precision: str = "fp32",
+    device: str | torch.device = "cpu",
+    autoencoder: Autoencoder | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    npz: bool = True,
+    png: bool = True,
+    png_images: int | None = 64,
+    png_nrow: int = 8,
+    keep_parts: bool = False,
+    progress: bool = True,
+    job: dict[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Sample `labels` (one image each) or `num_samples` images with uniform labels; see the module docstring.
+
+    `guidance_channels`: how many ε channels classifier-free guidance acts on (None: all). `precision`:
+    fp32, tf32 (TF32 matrix products) or bf16 (autocast of the model). `autoencoder` decodes latents
+    (default: the checkpoint's). The PNG grid shows the first `png_images` images (None: all) in rows of
+    `png_nrow`. `job` is extra identifying data (e.g. the checkpoint path) checked on resumption.
+    Returns the paths written (rank 0; other ranks return {}).
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+    if eta < 0 or (eta > 0 and sampler != "ddim"):
+        raise ValueError(f"eta={eta}: eta is DDIM's noise level, >= 0, and needs sampler=ddim")
+    if not (npz or png):
+        raise ValueError("nothing to write: set npz and/or png")
+    if batch_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(
+            f"need batch_size >= 1 and 0 <= rank < world_size; got {batch_size}, {rank}, {world_size}"
+        )
+    model = loaded.model
+    if labels is not None:
+        labels = [int(label) for label in labels]
+        bad = [label for label in labels if not 0 <= label < model.num_classes]
+        if bad:
+            raise ValueError(f"labels {bad} are outside [0, {model.num_classes}) for this model")
+        num_samples = len(labels)
+    if not num_samples or num_samples < 1:
+        raise ValueError("give labels, or num_samples >= 1 for uniformly drawn labels")
+    if guidance_channels is not None and not 1 <= guidance_channels <= model.in_channels:
+        raise ValueError(
+            f"guidance_channels={guidance_channels} must be in [1, {model.in_channels}] (or None: all)"
+        )
+
+    device = torch.device(device)
+    paths = output_paths(out)
+    paths["parts"].mkdir(parents=True, exist_ok=True)
+    _check_manifest(paths["parts"], {
+        **(job or {}), "model_config": model.config, "weights": loaded.weights, "labels": labels,
+        "autoencoder": autoencoder.config if autoencoder is not None else loaded.autoencoder,
+        "num_samples": num_samples, "cfg_scale": cfg_scale, "guidance_channels": guidance_channels,
+        "sampler": sampler, "steps": steps, "eta": eta, "seed": seed, "batch_size": batch_size,
+        "precision": precision, "device_type": device.type,
+    })  # fmt: skip
+    shards = [(a, min(a + batch_size, num_samples)) for a in range(0, num_samples, batch_size)]
+    shard_path = lambda a, b: paths["parts"] / f"{a:08d}-{b:08d}.npz"  # noqa: E731
+    mine = shards[rank * len(shards) // world_size : (rank + 1) * len(shards) // world_size]
+    todo = [(a, b) for a, b in mine if not shard_path(a, b).is_file()]
+
+    if todo:
+        model = model.to(device).eval()
+        autoencoder = (autoencoder or loaded.build_autoencoder()).to(device).eval()
+        respacing = f"ddim{steps}" if sampler == "ddim" else str(steps)
+        diffusion = create_diffusion(respacing, **loaded.diffusion).to(device)
+        bf16 = precision == "bf16"
+
+        def net(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                return model(x, t, y).float()
+
+        model_fn = cfg_model_fn(
+            net, cfg_scale, null_class=model.num_classes, guidance_channels=guidance_channels
+        )
+        shape = (model.in_channels, model.input_size, model.input_size)
+        label_table = torch.tensor(labels) if labels is not None else None
+        pixel_space = loaded.autoencoder["name"] == "identity"  # ADM clips x0 in pixel space only
+        total = sum(b - a for a, b in mine)
+        with (
+            _matmul_precision(precision),
+            tqdm(total=total, initial=total - sum(b - a for a, b in todo), unit="img", disable=not progress or rank != 0,
+                 desc=f"sampling ({sampler}, {steps} steps)") as bar,
+        ):  # fmt: skip
+            for a, b in todo:
+                z, y = sample_latents(
+                    model_fn, diffusion, image_generators(seed, range(a, b), device), shape,
+                    labels=label_table[a:b].to(device) if label_table is not None else None,
+                    num_classes=model.num_classes, sampler=sampler, eta=eta, clip_denoised=pixel_space,
+                )  # fmt: skip
+                with torch.no_grad():
+                    images = to_uint8_rgb(autoencoder.decode(z, channels=loaded.data.get("channels")))
+                save_npz(shard_path(a, b), images.cpu().numpy(), y.cpu().numpy())
+                bar.update(b - a)
+    if rank != 0:
+        return {}
+
+    missing = [s for s in shards if not shard_path(*s).is_file()]
+    if missing:
+        print(
+            f"rank 0: waiting for {len(missing)} shards of other ranks in {paths['parts']} (rerun to resume)"
+        )
+    while missing:
+        time.sleep(2)
+        missing = [s for s in missing if not shard_path(*s).is_file()]
+    parts = [shard_path(a, b) for a, b in shards]
+    written = {}
+    if npz:
+        concat_npz(paths["npz"], parts)
+        written["npz"] = paths["npz"]
+    if png:
+        count = num_samples if png_images is None else min(png_images, num_samples)
+        chunks = []
+        for part in parts[: -(-count // batch_size)]:
+            with np.load(part, allow_pickle=False) as shard:
+                chunks.append(torch.from_numpy(shard["arr_0"]))
+        grid = torch.cat(chunks)[:count].permute(0, 3, 1, 2).float() / 255
+        tmp = _tmp(paths["png"])
+        save_image(grid, tmp, nrow=png_nrow, format="png")
+        os.replace(tmp, paths["png"])
+        written["png"] = paths["png"]
+    if not keep_parts:
+        shutil.rmtree(paths["parts"])
+    return written
