@@ -7,10 +7,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # ~15 s on 2 CPU cores: imports, and torchmetrics' 2048×2048 eigvals for FID and sFID
 def test_evaluate_cli_writes_metrics_json(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "samples.npz", arr_0=rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8))
