@@ -60,7 +60,7 @@ def main(cfg: DictConfig) -> None:
         keep_parts=cfg.keep_parts, progress=cfg.progress, job={"ckpt": str(cfg.ckpt), "use_ema": cfg.use_ema},
     )  # fmt: skip
     for kind, path in written.items():
-        print(f"wrote {kind}: {path}")
+        print(f"{kind}: {path}")
 
 
 if __name__ == "__main__":

@@ -454,6 +454,11 @@ def test_generate_is_independent_of_batches_ranks_and_interruptions(tiny_ckpt, t
     generate(loaded, tmp_path / "b", batch_size=3, **common)
     np.testing.assert_array_equal(read_npz(tmp_path / "b.npz")[0], images)
     assert not (tmp_path / "b.parts").exists()
+    job = json.loads((tmp_path / "b.json").read_text())
+    assert (job["seed"], job["steps"], job["sampler"], job["cfg_scale"]) == (3, 4, "ddpm", 2.0)
+    mtime = (tmp_path / "b.npz").stat().st_mtime_ns
+    assert generate(loaded, tmp_path / "b", batch_size=3, **common) == {"npz": tmp_path / "b.npz"}
+    assert (tmp_path / "b.npz").stat().st_mtime_ns == mtime  # a finished job is not run again
 
     (tmp_path / "a.npz").unlink()  # an interrupted job: the final file and a shard are missing
     (tmp_path / "a.parts" / "00000004-00000007.npz").unlink()
@@ -482,6 +487,7 @@ def test_generate_rejects_bad_arguments(tiny_ckpt, tmp_path):
     ]:
         with pytest.raises(ValueError, match=message):
             generate(loaded, tmp_path / "x", steps=2, progress=False, **kwargs)
+    assert list(tmp_path.iterdir()) == [tmp_path / "tiny.ckpt"]  # nothing written
 
 
 def test_generate_decodes_latents_with_the_checkpoint_vae(tmp_path, tiny_vae_dir):
@@ -506,3 +512,24 @@ def test_generate_decodes_latents_with_the_checkpoint_vae(tmp_path, tiny_vae_dir
 
     bf16 = read_npz(generate(loaded, tmp_path / "bf16", precision="bf16", **common)["npz"])[0]
     assert 0 < np.abs(bf16.astype(int) - images).mean() < 2  # autocast changes the numbers, barely
+
+
+def test_export_cli_writes_safetensors_and_diffusers(tiny_ckpt, tmp_path, capsys):
+    from ditlab.interop.export import main
+
+    path, _, ema = tiny_ckpt
+    main(
+        [
+            "--ckpt",
+            str(path),
+            "--safetensors",
+            str(tmp_path / "w.safetensors"),
+            "--diffusers",
+            str(tmp_path / "d"),
+        ]
+    )
+    assert "DiT(depth=2, hidden=32)/2 (adaln_zero" in capsys.readouterr().out
+    for exported in (tmp_path / "w.safetensors", tmp_path / "d"):
+        assert (outputs(load_dit(exported).model) - outputs(ema)).abs().max() < 1e-5
+    with pytest.raises(SystemExit):
+        main(["--ckpt", str(path)])  # nothing to write

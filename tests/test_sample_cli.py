@@ -66,7 +66,7 @@ def test_cli_class_grid_and_npz_match_the_library(tmp_path, ckpt):
         "batch_size=4",
     )
     out = finish(sample_cli(tmp_path, *args, f"out={tmp_path / 'grid'}"))
-    assert f"wrote npz: {tmp_path / 'grid.npz'}" in out and f"wrote png: {tmp_path / 'grid.png'}" in out
+    assert f"npz: {tmp_path / 'grid.npz'}" in out and f"png: {tmp_path / 'grid.png'}" in out
     images, labels = read_npz(tmp_path / "grid.npz")
     assert images.shape == (6, 8, 8, 3) and images.dtype == np.uint8  # the ADM evaluator's layout
     assert labels.tolist() == [0, 0, 0, 2, 2, 2]
@@ -98,7 +98,7 @@ def test_cli_resumes_an_interrupted_job_on_two_ranks(tmp_path, ckpt):
         for r in (0, 1)
     ]
     outputs = [finish(p) for p in ranks]
-    assert f"wrote npz: {tmp_path / 'fid.npz'}" in outputs[0] and "wrote" not in outputs[1]
+    assert f"npz: {tmp_path / 'fid.npz'}" in outputs[0] and "npz:" not in outputs[1]
     resumed = read_npz(tmp_path / "fid.npz")
     np.testing.assert_array_equal(resumed[0], images)
     np.testing.assert_array_equal(resumed[1], labels)

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ditlab.autoencoders import SDVAE, Autoencoder, IdentityAutoencoder
-from ditlab.models import BLOCKS, DIT_SIZES, PATCH_SIZES, DiT
+from ditlab.models import BLOCKS, DIT_SIZES, PATCH_SIZES, DiT, parse_model_name
 from ditlab.models.embeddings import sincos_pos_embed_2d
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ def _check_fits(
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "ditlab"
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "ditlab"
 
 
 def resolve_checkpoint(path_or_name: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -397,8 +397,6 @@ def _declared_reference_config(args: dict[str, Any], inferred: dict[str, Any]) -
     """The model the reference training `args` name (model, image_size, num_classes), else the inferred one."""
     if not {"model", "image_size", "num_classes"} <= args.keys():
         return inferred
-    from ditlab.models import parse_model_name
-
     size, patch = parse_model_name(args["model"])
     return {
         **inferred, "depth": size.depth, "hidden_size": size.hidden_size, "num_heads": size.num_heads,

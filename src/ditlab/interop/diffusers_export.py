@@ -31,6 +31,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
 )
 
+from ditlab.autoencoders import load_autoencoder_kl
 from ditlab.interop.checkpoints import (
     SD_VAE_SCALE,
     LoadedDiT,
@@ -223,8 +224,6 @@ def _diffusion_from_scheduler(config: dict[str, Any], learn_sigma: bool) -> dict
 def _vae_for(loaded: LoadedDiT, vae: "str | os.PathLike | AutoencoderKL | None") -> AutoencoderKL | None:
     """The AutoencoderKL to ship with the pipeline (its scaling_factor set to the checkpoint's), or None
     for a pixel-space model."""
-    from ditlab.autoencoders import load_autoencoder_kl
-
     pixel_space = loaded.autoencoder["name"] == "identity"
     if pixel_space:
         if vae is not None:
@@ -244,29 +243,34 @@ def _vae_for(loaded: LoadedDiT, vae: "str | os.PathLike | AutoencoderKL | None")
     return vae
 
 
-def _model_card(loaded: LoadedDiT, pipeline: bool, reason: str | None) -> str:
+def _model_card(loaded: LoadedDiT, reason: str | None) -> str:
+    """README.md of an exported folder: how to load it, and the timestep-frequency fix."""
     fix = (
-        "from ditlab.interop.diffusers_export import use_reference_timestep_embedding\n"
-        "use_reference_timestep_embedding(pipe.transformer)  # the reference's timestep frequencies"
+        "for block in transformer.transformer_blocks:  # the reference's timestep frequencies\n"
+        "    block.norm1.emb.time_proj.downscale_freq_shift = 0\n"
     )
-    if pipeline:
+    if reason is None:
         usage = (
-            f'```python\nfrom diffusers import DiTPipeline\n\npipe = DiTPipeline.from_pretrained("path/to/this/folder")\n'
-            f"{fix}\nimages = pipe(class_labels=[0, 1], guidance_scale=4.0, num_inference_steps=50).images\n```\n"
-            "or `ditlab.interop.diffusers_export.load_diffusers_pipeline(folder)`, which applies the fix."
+            "```python\nfrom diffusers import DiTPipeline\n\n"
+            'pipe = DiTPipeline.from_pretrained("path/to/this/folder")\ntransformer = pipe.transformer\n'
+            f"{fix}images = pipe(class_labels=[0, 1], guidance_scale=4.0, num_inference_steps=50).images\n```\n\n"
+            "(`ditlab.interop.diffusers_export.load_diffusers_pipeline(folder)` does the same.) The pipeline "
+            "guides all latent channels and samples with the scheduler's fixed variance; ditlab's FID protocol "
+            "is `python src/sample.py ckpt=path/to/this/folder` (250 DDPM steps, learned variance)."
         )
     else:
         usage = (
-            f"Only the transformer and scheduler are here: {reason}. Load the transformer with\n"
-            '`DiTTransformer2DModel.from_pretrained(folder, subfolder="transformer")` and apply\n'
-            "`use_reference_timestep_embedding` to it, or sample with ditlab: `python src/sample.py ckpt=<folder>`."
+            f"Only the transformer and scheduler are here: {reason}.\n\n```python\n"
+            "from diffusers import DiTTransformer2DModel\n\n"
+            'transformer = DiTTransformer2DModel.from_pretrained("path/to/this/folder", subfolder="transformer")\n'
+            f"{fix}```\n\nor sample with ditlab: `python src/sample.py ckpt=path/to/this/folder`."
         )
     return (
-        f"# {describe(loaded.model.config)}\n\nExported from a ditlab checkpoint ({loaded.source_format}, "
-        f"{loaded.weights} weights).\n\n{usage}\n\n"
+        f"# {describe(loaded.model.config)}\n\nExported by ditlab from a {loaded.source_format} checkpoint "
+        f"({loaded.weights} weights).\n\n{usage}\n\n"
         "diffusers hard-codes `downscale_freq_shift=1` in DiT's timestep projection and does not save it; "
-        "these weights were trained with 0, so set it after loading as above. ditlab header (autoencoder, "
-        f"data, schedule): `{HEADER_FILE}`.\n"
+        "these weights were trained with 0, so set it after loading as above. "
+        f"`{HEADER_FILE}`: the ditlab header (autoencoder, data, noise schedule).\n"
     )
 
 
@@ -315,7 +319,7 @@ def export_diffusers(
             log.warning("%s: exported the transformer and scheduler only: %s", out, reason)
         header = loaded.header() | {"weights": loaded.weights, "exported_from": loaded.source_format}
         (tmp / HEADER_FILE).write_text(json.dumps(header, indent=2))
-        (tmp / "README.md").write_text(_model_card(loaded, reason is None, reason))
+        (tmp / "README.md").write_text(_model_card(loaded, reason))
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

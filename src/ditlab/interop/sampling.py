@@ -6,10 +6,12 @@ batch size, the number of ranks, or how often the job was interrupted. Work is c
 finished batch is written atomically as a shard `<out>.parts/<start>-<end>.npz`, so a killed job re-run
 with the same arguments skips finished shards. Ranks (torchrun's RANK/WORLD_SIZE) take disjoint ranges of
 batches; rank 0 waits for all shards and writes `<out>.npz` in the ADM layout (`arr_0`: N×H×W×3 uint8,
-`arr_1`: labels), streamed so that 50,000 images never sit in memory at once, and a PNG grid.
+`arr_1`: labels), streamed so that 50,000 images never sit in memory at once, a PNG grid, and
+`<out>.json`, the job's arguments (checkpoint, guidance, sampler, seed...).
 """
 
 import contextlib
+import inspect
 import json
 import os
 import shutil
@@ -25,7 +27,7 @@ from torch import Tensor
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
-from ditlab.autoencoders import Autoencoder
+from ditlab.autoencoders import Autoencoder, IdentityAutoencoder
 from ditlab.diffusion import GaussianDiffusion, cfg_model_fn, create_diffusion
 from ditlab.interop.checkpoints import LoadedDiT
 
@@ -179,11 +181,76 @@ def _matmul_precision(precision: str) -> Iterator[None]:
 
 
 def output_paths(out: str | os.PathLike) -> dict[str, Path]:
-    """`npz`, `png` and `parts` paths of an output stem (a trailing .npz or .png is dropped)."""
+    """`npz`, `png`, `json` (the job's arguments) and `parts` paths of an output stem (a trailing .npz or
+    .png is dropped)."""
     stem = Path(out)
     if stem.suffix in (".npz", ".png"):
         stem = stem.with_suffix("")
-    return {ext: stem.with_name(stem.name + "." + ext) for ext in ("npz", "png", "parts")}
+    return {ext: stem.with_name(stem.name + "." + ext) for ext in ("npz", "png", "json", "parts")}
+
+
+class ImageSampler:
+    """Images of a loaded DiT by global index: `sampler(indices, labels)` -> ((N, H, W, 3) uint8, labels (N,)).
+
+    Image i comes from its own generator (`image_generators`), so it does not depend on which other images
+    share its batch. `guidance_channels`: how many ε channels classifier-free guidance acts on (None: all).
+    `precision`: fp32, tf32 (TF32 matrix products) or bf16 (autocast of the model). Latents are decoded by
+    `autoencoder` (default: the checkpoint's); in pixel space x0 is clipped to [-1, 1] at every step (ADM).
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedDiT,
+        *,
+        cfg_scale: float = 1.0,
+        guidance_channels: int | None = None,
+        sampler: str = "ddpm",
+        steps: int = 250,
+        eta: float = 0.0,
+        seed: int = 0,
+        precision: str = "fp32",
+        device: str | torch.device = "cpu",
+        autoencoder: Autoencoder | None = None,
+    ):
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+        if eta < 0 or (eta > 0 and sampler != "ddim"):
+            raise ValueError(f"eta={eta}: eta is DDIM's noise level, >= 0, and needs sampler=ddim")
+        model = loaded.model
+        if guidance_channels is not None and not 1 <= guidance_channels <= model.in_channels:
+            raise ValueError(
+                f"guidance_channels={guidance_channels} must be in [1, {model.in_channels}] (or None: all)"
+            )
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.autoencoder = (autoencoder or loaded.build_autoencoder()).to(self.device).eval()
+        respacing = f"ddim{steps}" if sampler == "ddim" else str(steps)
+        self.diffusion = create_diffusion(respacing, **loaded.diffusion).to(self.device)
+        self.model_fn = cfg_model_fn(
+            self._net, cfg_scale, null_class=model.num_classes, guidance_channels=guidance_channels
+        )
+        self.sampler, self.eta, self.seed, self.precision = sampler, eta, seed, precision
+        self.channels = loaded.data.get("channels")
+        self.shape = (model.in_channels, model.input_size, model.input_size)
+        self.pixel_space = isinstance(self.autoencoder, IdentityAutoencoder)
+
+    def _net(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return self.model(x, t, y).float()
+
+    @torch.no_grad()
+    def __call__(self, indices: Sequence[int], labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Images of `indices` with `labels` (N,), or labels drawn uniformly from each image's generator."""
+        with _matmul_precision(self.precision):
+            generators = image_generators(self.seed, indices, self.device)
+            z, labels = sample_latents(
+                self.model_fn, self.diffusion, generators, self.shape,
+                labels=None if labels is None else labels.to(self.device), num_classes=self.model.num_classes,
+                sampler=self.sampler, eta=self.eta, clip_denoised=self.pixel_space,
+            )  # fmt: skip
+            return to_uint8_rgb(self.autoencoder.decode(z, channels=self.channels)), labels
 
 
 def _check_manifest(parts: Path, manifest: dict[str, Any]) -> None:
@@ -198,8 +265,27 @@ def _check_manifest(parts: Path, manifest: dict[str, Any]) -> None:
                 "same arguments to resume it, or delete that folder / choose another out="
             )
         return
+    _write_json(path, manifest)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = _tmp(path)
-    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _write_grid(path: Path, parts: list[Path], count: int, nrow: int) -> None:
+    """A PNG grid of the first `count` images of the shards."""
+    chunks, have = [], 0
+    for part in parts:
+        if have >= count:
+            break
+        with np.load(part, allow_pickle=False) as shard:
+            chunks.append(torch.from_numpy(shard["arr_0"]))
+        have += len(chunks[-1])
+    grid = torch.cat(chunks)[:count].permute(0, 3, 1, 2).float() / 255
+    tmp = _tmp(path)
+    save_image(grid, tmp, nrow=nrow, format="png")
     os.replace(tmp, path)
 
 
@@ -209,16 +295,7 @@ def generate(
     *,
     labels: Sequence[int] | None = None,
     num_samples: int | None = None,
-    cfg_scale: float = 1.0,
-    guidance_channels: int | None = None,
-    sampler: str = "ddpm",
-    steps: int = 250,
-    eta: float = 0.0,
-    seed: int = 0,
     batch_size: int = 32,
-    precision: str = "fp32",
-    device: str | torch.device = "cpu",
-    autoencoder: Autoencoder | None = None,
     rank: int = 0,
     world_size: int = 1,
     npz: bool = True,
@@ -228,87 +305,62 @@ def generate(
     keep_parts: bool = False,
     progress: bool = True,
     job: dict[str, Any] | None = None,
+    **sampling: Any,
 ) -> dict[str, Path]:
     """Sample `labels` (one image each) or `num_samples` images with uniform labels; see the module docstring.
 
-    `guidance_channels`: how many ε channels classifier-free guidance acts on (None: all). `precision`:
-    fp32, tf32 (TF32 matrix products) or bf16 (autocast of the model). `autoencoder` decodes latents
-    (default: the checkpoint's). The PNG grid shows the first `png_images` images (None: all) in rows of
-    `png_nrow`. `job` is extra identifying data (e.g. the checkpoint path) checked on resumption.
-    Returns the paths written (rank 0; other ranks return {}).
+    `sampling`: the arguments of `ImageSampler` (cfg_scale, guidance_channels, sampler, steps, eta, seed,
+    precision, device, autoencoder). The PNG grid shows the first `png_images` images (None: all) in rows
+    of `png_nrow`. `job` is extra identifying data (e.g. the checkpoint path) recorded in `<out>.json`
+    and checked on resumption; a finished job with the same arguments is not run again. Returns the
+    paths written (on rank 0; other ranks return {}).
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
-    if eta < 0 or (eta > 0 and sampler != "ddim"):
-        raise ValueError(f"eta={eta}: eta is DDIM's noise level, >= 0, and needs sampler=ddim")
     if not (npz or png):
         raise ValueError("nothing to write: set npz and/or png")
     if batch_size < 1 or not 0 <= rank < world_size:
         raise ValueError(
             f"need batch_size >= 1 and 0 <= rank < world_size; got {batch_size}, {rank}, {world_size}"
         )
-    model = loaded.model
+    num_classes = loaded.model.num_classes
     if labels is not None:
         labels = [int(label) for label in labels]
-        bad = [label for label in labels if not 0 <= label < model.num_classes]
+        bad = [label for label in labels if not 0 <= label < num_classes]
         if bad:
-            raise ValueError(f"labels {bad} are outside [0, {model.num_classes}) for this model")
+            raise ValueError(f"labels {bad} are outside [0, {num_classes}) for this model")
         num_samples = len(labels)
     if not num_samples or num_samples < 1:
         raise ValueError("give labels, or num_samples >= 1 for uniformly drawn labels")
-    if guidance_channels is not None and not 1 <= guidance_channels <= model.in_channels:
-        raise ValueError(
-            f"guidance_channels={guidance_channels} must be in [1, {model.in_channels}] (or None: all)"
-        )
-
-    device = torch.device(device)
-    paths = output_paths(out)
-    paths["parts"].mkdir(parents=True, exist_ok=True)
-    _check_manifest(paths["parts"], {
-        **(job or {}), "model_config": model.config, "weights": loaded.weights, "labels": labels,
+    arguments = inspect.signature(ImageSampler).bind(loaded, **sampling)
+    arguments.apply_defaults()
+    settings = dict(arguments.arguments)
+    del settings["loaded"]
+    autoencoder = settings.pop("autoencoder")
+    manifest = {
+        **(job or {}), "model_config": loaded.model.config, "weights": loaded.weights, "labels": labels,
+        "num_samples": num_samples, "batch_size": batch_size, **settings,
+        "device": torch.device(settings["device"]).type,  # the kind of device changes the numbers
         "autoencoder": autoencoder.config if autoencoder is not None else loaded.autoencoder,
-        "num_samples": num_samples, "cfg_scale": cfg_scale, "guidance_channels": guidance_channels,
-        "sampler": sampler, "steps": steps, "eta": eta, "seed": seed, "batch_size": batch_size,
-        "precision": precision, "device_type": device.type,
-    })  # fmt: skip
+    }  # fmt: skip
+    paths = output_paths(out)
+    wanted = {kind: paths[kind] for kind, on in (("npz", npz), ("png", png)) if on}
+    finished = paths["json"].is_file() and json.loads(paths["json"].read_text()) == manifest
+    if finished and all(path.is_file() for path in wanted.values()):  # this very job ran to its end
+        return wanted if rank == 0 else {}
+
+    sample = ImageSampler(loaded, **sampling)  # checks the settings before anything is written
+    paths["parts"].mkdir(parents=True, exist_ok=True)
+    _check_manifest(paths["parts"], manifest)
     shards = [(a, min(a + batch_size, num_samples)) for a in range(0, num_samples, batch_size)]
     shard_path = lambda a, b: paths["parts"] / f"{a:08d}-{b:08d}.npz"  # noqa: E731
     mine = shards[rank * len(shards) // world_size : (rank + 1) * len(shards) // world_size]
     todo = [(a, b) for a, b in mine if not shard_path(a, b).is_file()]
-
     if todo:
-        model = model.to(device).eval()
-        autoencoder = (autoencoder or loaded.build_autoencoder()).to(device).eval()
-        respacing = f"ddim{steps}" if sampler == "ddim" else str(steps)
-        diffusion = create_diffusion(respacing, **loaded.diffusion).to(device)
-        bf16 = precision == "bf16"
-
-        def net(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                return model(x, t, y).float()
-
-        model_fn = cfg_model_fn(
-            net, cfg_scale, null_class=model.num_classes, guidance_channels=guidance_channels
-        )
-        shape = (model.in_channels, model.input_size, model.input_size)
         label_table = torch.tensor(labels) if labels is not None else None
-        pixel_space = loaded.autoencoder["name"] == "identity"  # ADM clips x0 in pixel space only
-        total = sum(b - a for a, b in mine)
-        with (
-            _matmul_precision(precision),
-            tqdm(total=total, initial=total - sum(b - a for a, b in todo), unit="img", disable=not progress or rank != 0,
-                 desc=f"sampling ({sampler}, {steps} steps)") as bar,
-        ):  # fmt: skip
+        total, done = sum(b - a for a, b in mine), sum(b - a for a, b in mine if (a, b) not in todo)
+        desc = f"sampling (rank {rank}/{world_size})"
+        with tqdm(total=total, initial=done, unit="img", desc=desc, disable=not progress or rank != 0) as bar:
             for a, b in todo:
-                z, y = sample_latents(
-                    model_fn, diffusion, image_generators(seed, range(a, b), device), shape,
-                    labels=label_table[a:b].to(device) if label_table is not None else None,
-                    num_classes=model.num_classes, sampler=sampler, eta=eta, clip_denoised=pixel_space,
-                )  # fmt: skip
-                with torch.no_grad():
-                    images = to_uint8_rgb(autoencoder.decode(z, channels=loaded.data.get("channels")))
+                images, y = sample(range(a, b), None if label_table is None else label_table[a:b])
                 save_npz(shard_path(a, b), images.cpu().numpy(), y.cpu().numpy())
                 bar.update(b - a)
     if rank != 0:
@@ -323,21 +375,13 @@ def generate(
         time.sleep(2)
         missing = [s for s in missing if not shard_path(*s).is_file()]
     parts = [shard_path(a, b) for a, b in shards]
-    written = {}
     if npz:
         concat_npz(paths["npz"], parts)
-        written["npz"] = paths["npz"]
     if png:
-        count = num_samples if png_images is None else min(png_images, num_samples)
-        chunks = []
-        for part in parts[: -(-count // batch_size)]:
-            with np.load(part, allow_pickle=False) as shard:
-                chunks.append(torch.from_numpy(shard["arr_0"]))
-        grid = torch.cat(chunks)[:count].permute(0, 3, 1, 2).float() / 255
-        tmp = _tmp(paths["png"])
-        save_image(grid, tmp, nrow=png_nrow, format="png")
-        os.replace(tmp, paths["png"])
-        written["png"] = paths["png"]
+        _write_grid(
+            paths["png"], parts, num_samples if png_images is None else min(png_images, num_samples), png_nrow
+        )
+    _write_json(paths["json"], manifest)  # after the outputs: marks the job finished
     if not keep_parts:
         shutil.rmtree(paths["parts"])
-    return written
+    return wanted
