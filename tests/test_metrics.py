@@ -27,7 +27,14 @@ from ditlab.metrics.fid import PrecomputedFeatures, frechet_metric, real_gaussia
 from ditlab.metrics.image_sources import iter_image_files, iter_npz_images, list_image_files, npz_image_shape
 from ditlab.metrics.inception_score import inception_score
 from ditlab.metrics.precision_recall import manifold_radii, precision_recall
-from ditlab.metrics.reference import ReferenceStats, load_reference, reference_from_folder, reference_from_npz
+from ditlab.metrics.reference import (
+    ReferenceStats,
+    cached_reference,
+    load_reference,
+    reference_from_folder,
+    reference_from_images,
+    reference_from_npz,
+)
 
 
 def frechet_closed_form(a: np.ndarray, b: np.ndarray) -> float:
@@ -47,6 +54,7 @@ class StubFeatures(nn.Module):
     """Stand-in for InceptionFeatures: 12-d pool (2×2 RGB means), 9-d spatial, 5 logits; instant and exact."""
 
     identity = "stub feature network"
+    num_features = 12
 
     def __init__(self) -> None:
         super().__init__()
@@ -60,6 +68,9 @@ class StubFeatures(nn.Module):
             "spatial": F.adaptive_avg_pool2d(x[:, :1], 3).flatten(1),
             "logits": pool @ self.logit_weight.T,
         }
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.features(images)["pool"]
 
 
 def random_images(n: int, seed: int, size: int = 8, high: int = 256) -> np.ndarray:
@@ -299,6 +310,24 @@ def test_load_reference_caches_by_source_and_network(tmp_path, monkeypatch):
         load_reference(tmp_path / "missing.npz", net, cache_dir=None)
 
 
+def test_reference_from_a_loader_of_labelled_batches_cached_by_name(tmp_path):
+    images = torch.from_numpy(random_images(24, seed=3)).permute(0, 3, 1, 2)
+    loader = [(x.float() / 255, torch.zeros(len(x))) for x in images.split(10)]  # (images, labels) batches
+    net, calls = StubFeatures(), []
+
+    def compute() -> ReferenceStats:
+        calls.append(1)
+        return reference_from_images(loader, net, source="toy loader", num_pr_images=16)
+
+    first = cached_reference("toy/loader v1", net, compute, cache_dir=tmp_path)
+    second = cached_reference("toy/loader v1", net, compute, cache_dir=tmp_path)
+    assert len(calls) == 1 and second.source == "toy loader" and second.pool_features.shape == (16, 12)
+    np.testing.assert_allclose(
+        first.mu, stub_features_of(random_images(24, seed=3))["pool"].mean(0), rtol=1e-6
+    )
+    assert [p.name.startswith("toy_loader_v1-") for p in tmp_path.iterdir()] == [True]
+
+
 # end to end with the stub network ---------------------------------------------------------------------------
 
 
@@ -325,6 +354,16 @@ def test_evaluate_samples_matches_closed_forms(tmp_path):
     assert path == tmp_path / "samples.metrics.json"
     assert json.loads(path.read_text())["fid"] == results["fid"]
     assert "stub feature network" in format_metrics(results)
+
+
+def test_fid_metric_on_images_with_a_feature_network():
+    # The training-time route: torchmetrics runs the feature network on images, the reference is N(mu, sigma).
+    real, fake = random_images(40, seed=8), random_images(30, seed=9, high=180)
+    real_pool, fake_pool = stub_features_of(real)["pool"], stub_features_of(fake)["pool"]
+    metric = frechet_metric(StubFeatures(), real_pool.mean(0), np.cov(real_pool, rowvar=False), num_images=40)
+    for batch in torch.from_numpy(fake).permute(0, 3, 1, 2).split(8):
+        metric.update(batch, real=False)
+    assert metric.compute().item() == pytest.approx(frechet_closed_form(real_pool, fake_pool), rel=1e-5)
 
 
 def test_evaluate_samples_against_themselves(tmp_path):
@@ -376,11 +415,12 @@ def inception() -> InceptionFeatures:
 def test_real_inception_features(inception):
     images = torch.from_numpy(random_images(2, seed=7, size=16)).permute(0, 3, 1, 2)
     precision_flag = torch.backends.cudnn.conv.fp32_precision
-    out = inception.features(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # ignored: the features are computed in float32
+        out = inception.features(images)
     assert torch.backends.cudnn.conv.fp32_precision == precision_flag  # restored after the forward pass
     assert out["pool"].shape == (2, 2048) and out["spatial"].shape == (2, 17 * 17 * 7) and "logits" not in out
     assert torch.isfinite(out["pool"]).all() and (out["pool"] >= 0).all() and out["pool"].std() > 0
-    assert torch.equal(inception(images), out["pool"])  # deterministic
+    assert out["pool"].dtype == torch.float32 and torch.equal(inception(images), out["pool"])  # deterministic
     # The wrapper runs the TorchScript graph unchanged: its own forward on the preprocessed input agrees.
     torch.testing.assert_close(inception.layers(inception.preprocess(images)).flatten(1), out["pool"])
     torch.testing.assert_close(inception(images.float() / 255), out["pool"], rtol=1e-4, atol=1e-4)

@@ -84,14 +84,16 @@ def tf1_resize_bilinear(images: Tensor, size: int) -> Tensor:
 
 
 @contextlib.contextmanager
-def _ieee_fp32_convolutions() -> Iterator[None]:
-    # cuDNN convolutions default to TF32 on Ampere and later, which perturbs the features at the 1e-3 level;
-    # FID is compared across machines and papers, so run the network in true float32.
+def _full_fp32(device_type: str) -> Iterator[None]:
+    # FID is compared across machines and papers, so the network runs in true float32: cuDNN convolutions
+    # default to TF32 on Ampere and later (features off at the 1e-3 level), and a caller's bf16 autocast
+    # (Lightning's validation loop) would be worse.
     conv = torch.backends.cudnn.conv
     previous = conv.fp32_precision
     conv.fp32_precision = "ieee"
     try:
-        yield
+        with torch.autocast(device_type, enabled=False):
+            yield
     finally:
         conv.fp32_precision = previous
 
@@ -165,15 +167,14 @@ class InceptionFeatures(nn.Module):
     def features(self, images: Tensor) -> dict[str, Tensor]:
         """One pass: `pool` (N, 2048), `spatial` (N, 2023) and, with fc weights, `logits` (N, 1008); float32."""
         x = self.preprocess(images)
-        with _ieee_fp32_convolutions():
+        with _full_fp32(x.device.type):
             for name, layer in self.layers.named_children():
                 if name == "mixed_6":
                     spatial = layer.conv(x)[:, :SPATIAL_CHANNELS]
                 x = layer(x)
-        pool = x.flatten(1)
-        out = {"pool": pool, "spatial": spatial.permute(0, 2, 3, 1).flatten(1)}
-        if self.fc_weight is not None:
-            out["logits"] = pool @ self.fc_weight.T
+            out = {"pool": x.flatten(1), "spatial": spatial.permute(0, 2, 3, 1).flatten(1)}
+            if self.fc_weight is not None:
+                out["logits"] = out["pool"] @ self.fc_weight.T
         return out
 
     def forward(self, images: Tensor) -> Tensor:

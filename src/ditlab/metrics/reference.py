@@ -225,9 +225,31 @@ def load_reference(
         )
     if cache_dir is None:
         return compute()
-    name = Path(str(ref)).stem
-    key = f"{_CACHE_FORMAT}|{name}|{_source_fingerprint(key_file)}|{net.identity}|{num_pr_images}"
-    return _cached(Path(cache_dir), name, key, compute)
+    fingerprint = f"{_source_fingerprint(key_file)}|pr={num_pr_images}"
+    return cached_reference(Path(str(ref)).stem, net, compute, cache_dir=cache_dir, fingerprint=fingerprint)
+
+
+def cached_reference(
+    name: str,
+    net: nn.Module,
+    compute: Callable[[], ReferenceStats],
+    *,
+    cache_dir: str | Path = DEFAULT_CACHE_DIR,
+    fingerprint: str = "",
+) -> ReferenceStats:
+    """`compute()` once per (name, fingerprint, feature network); later calls read `cache_dir/<name>-<hash>.npz`.
+
+    For a DataLoader, name it after the data and its transform, e.g.
+    `cached_reference("imagenet_train_256", net, lambda: reference_from_images(loader, net, source=...))`.
+    """
+    key = f"{_CACHE_FORMAT}|{name}|{fingerprint}|{net.identity}"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}-{digest}.npz"
+    if path.is_file():
+        return ReferenceStats.load(path)
+    reference = compute()
+    reference.save(path)
+    return reference
 
 
 def _source_fingerprint(path: Path) -> str:
@@ -239,13 +261,3 @@ def _source_fingerprint(path: Path) -> str:
     return f"{path}:" + ";".join(
         f"{p.relative_to(path.parent)},{p.stat().st_size},{p.stat().st_mtime_ns}" for p in files
     )
-
-
-def _cached(cache_dir: Path, name: str, key: str, compute: Callable[[], ReferenceStats]) -> ReferenceStats:
-    name = re.sub(r"[^\w.-]", "_", name)
-    path = cache_dir / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz"
-    if path.is_file():
-        return ReferenceStats.load(path)
-    reference = compute()
-    reference.save(path)
-    return reference
