@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ditlab.autoencoders import Autoencoder
 from ditlab.data.resumable import GlobalBatchSampler, ResumableDataLoader
 
 
@@ -113,7 +114,7 @@ class ImageDataModule(L.LightningDataModule, ABC):
     def source(self) -> str:
         """Where the data is read from (recorded in latent manifests)."""
 
-    def model_input_shape(self, autoencoder: Any) -> tuple[int, int]:
+    def model_input_shape(self, autoencoder: Autoencoder) -> tuple[int, int]:
         """(in_channels, input_size) of the diffusion model: the data seen through `autoencoder`."""
         return autoencoder.latent_shape(self.channels, self.image_size)
 

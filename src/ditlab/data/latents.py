@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import Dataset
 
+from ditlab.autoencoders import Autoencoder
 from ditlab.data.base import ImageDataModule, collate_batched
 
 FORMAT = "ditlab-latents/1"
@@ -152,7 +153,7 @@ class LatentDataModule(ImageDataModule):
         """The config (with `_target_`) of the autoencoder that encoded the latents, for decoding samples."""
         return self.manifest["autoencoder"]
 
-    def model_input_shape(self, autoencoder: Any) -> tuple[int, int]:
+    def model_input_shape(self, autoencoder: Autoencoder) -> tuple[int, int]:
         """The stored latents' (channels, size), after checking that `autoencoder` produces the same."""
         expected = autoencoder.latent_shape(self.channels, self.image_size)
         if expected != self.latent_shape or autoencoder.scale_factor != self.manifest["scale_factor"]:
