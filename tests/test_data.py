@@ -16,13 +16,13 @@ from ditlab.autoencoders import IdentityAutoencoder
 from ditlab.data import (
     FashionMNISTDataModule,
     ImageFolderDataModule,
-    ImageFolderTransform,
     InMemoryImageDataset,
     adm_center_crop,
     fashion_mnist,
     read_idx,
 )
 from ditlab.data.fashion_mnist import DEBIAN_DIR, FILES
+from ditlab.data.resumable import GlobalBatchSampler
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
 HAS_DEBIAN_FASHION_MNIST = all(
@@ -127,13 +127,17 @@ def test_padding_is_symmetric_black(tmp_path):
 def test_flips_flip():
     images = torch.randint(0, 256, (400, 1, 4, 4), dtype=torch.uint8)
     expected = images.float() / 127.5 - 1
-    torch.manual_seed(0)
-    x, y = InMemoryImageDataset(images, torch.zeros(400), random_flip=True).__getitems__(range(400))
-    same = (x == expected).flatten(1).all(1)
-    mirrored = (x == expected.flip(-1)).flatten(1).all(1)
-    assert torch.all(same | mirrored)
-    assert 150 < mirrored.sum() < 250  # probability 1/2 (random 4×4 images are never symmetric)
+    # Index i + N is the mirror of example i; GlobalBatchSampler draws the views.
+    x, y = InMemoryImageDataset(images, torch.zeros(400), random_flip=True).__getitems__(
+        [*range(400), 3, 403]
+    )
+    assert torch.equal(x[:400], expected) and torch.equal(x[400], expected[3])
+    assert torch.equal(x[401], expected[3].flip(-1)) and not torch.equal(x[401], expected[3])
     assert y.dtype == torch.int64
+    sampler = GlobalBatchSampler(400, 400, rank=0, world_size=1, seed=0, num_views=2)
+    indices = next(iter(sampler))
+    assert sorted(i % 400 for i in indices) == list(range(400))
+    assert 150 < sum(i >= 400 for i in indices) < 250  # each view with probability 1/2
     x, _ = InMemoryImageDataset(images, torch.zeros(400), random_flip=False).__getitems__(range(400))
     assert torch.equal(x, expected)
 
@@ -260,12 +264,9 @@ def test_image_folder_datamodule(tmp_path):
     expected = np.asarray(adm_center_crop(Image.open(tmp_path / "train" / "zebra" / "0.png"), 16))
     expected = torch.from_numpy(expected.copy()).permute(2, 0, 1).float() / 127.5 - 1
     assert label == 1 and torch.equal(image, expected)
-    torch.manual_seed(0)
-    transform = ImageFolderTransform(16, random_flip=True)
-    outputs = [transform(Image.open(tmp_path / "train" / "zebra" / "0.png")) for _ in range(40)]
-    mirrored = [torch.equal(x, expected.flip(-1)) for x in outputs]
-    assert all(m or torch.equal(x, expected) for x, m in zip(outputs, mirrored, strict=True))
-    assert 8 < sum(mirrored) < 32
+    flippable = dm.build_dataset("train", random_flip=True)
+    mirrored, _ = flippable[2 + len(flippable)]  # view 1: the mirror image
+    assert torch.equal(mirrored, expected.flip(-1))
 
 
 def test_image_folder_errors(tmp_path):

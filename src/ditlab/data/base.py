@@ -18,12 +18,31 @@ def collate_batched(batch: Any) -> Any:
     return batch
 
 
+def split_views(indices: Sequence[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices i + N·v (see `GlobalBatchSampler`) -> (example indices i, views v), each (B,) int64."""
+    idx = torch.as_tensor(indices, dtype=torch.long)
+    return idx % n, idx // n
+
+
+class ViewSubset(Subset):
+    """A Subset that passes views through: index i + len(self)·v is view v of its i-th example."""
+
+    def __getitems__(self, indices: Sequence[int]) -> Any:
+        n, full = len(self.indices), len(self.dataset)
+        return self.dataset.__getitems__([self.indices[i % n] + full * (i // n) for i in indices])
+
+    def __getitem__(self, index: int) -> Any:
+        n = len(self.indices)
+        return self.dataset[self.indices[index % n] + len(self.dataset) * (index // n)]
+
+
 class InMemoryImageDataset(Dataset):
     """uint8 images (N, C, H, W) held in memory, served as whole batches.
 
-    `__getitems__` gathers a batch with one index operation and flips it with one `torch.where`, so a
+    `__getitems__` gathers a batch with one index operation and mirrors it with one `torch.where`, so a
     training step is not bound by per-image Python work. Returns (x, y): x float32 (B, C, H, W) in
-    [-1, 1], y int64 (B,). Use with `collate_fn=collate_batched`.
+    [-1, 1], y int64 (B,). Use with `collate_fn=collate_batched`. With `random_flip`, index i + N is the
+    mirror image of example i (`num_views` = 2); `GlobalBatchSampler` draws which one a batch gets.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, random_flip: bool):
@@ -34,17 +53,18 @@ class InMemoryImageDataset(Dataset):
         self.images = images
         self.labels = labels.long()
         self.random_flip = random_flip
+        self.num_views = 2 if random_flip else 1
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.as_tensor(indices, dtype=torch.long)
+        idx, view = split_views(indices, len(self.images))
+        if not self.random_flip and bool((view > 0).any()):
+            raise IndexError(f"index out of range for {len(self.images)} images without flips")
         x = self.images[idx].float().div_(127.5).sub_(1.0)
         if self.random_flip:
-            # Workers draw from torch's RNG, which the DataLoader seeds per worker.
-            flip = torch.rand(len(idx)) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            x = torch.where((view == 1)[:, None, None, None], x.flip(-1), x)
         return x, self.labels[idx]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +144,7 @@ class ImageDataModule(L.LightningDataModule, ABC):
             return dataset
         generator = torch.Generator().manual_seed(0)
         keep = torch.randperm(len(dataset), generator=generator)[: self.limit_train_samples].sort().values
-        return Subset(dataset, keep.tolist())
+        return ViewSubset(dataset, keep.tolist())
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
@@ -144,7 +164,12 @@ class ImageDataModule(L.LightningDataModule, ABC):
         self.setup("fit")
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         global_batch_size = self.global_batch_size or self.batch_size * world_size
-        sampler = GlobalBatchSampler(len(self.train_set), global_batch_size, rank, world_size, self.seed)
+        num_views = getattr(self.train_set, "num_views", None) or getattr(
+            self.train_set.dataset, "num_views", 1
+        )
+        sampler = GlobalBatchSampler(
+            len(self.train_set), global_batch_size, rank, world_size, self.seed, num_views=num_views
+        )
         return ResumableDataLoader(self.train_set, sampler, **self.loader_options())
 
     def val_dataloader(self) -> DataLoader | list:

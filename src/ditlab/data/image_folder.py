@@ -23,18 +23,34 @@ def adm_center_crop(image: Image.Image, image_size: int) -> Image.Image:
 
 
 class ImageFolderTransform:
-    """PIL image -> float32 (3, S, S) in [-1, 1]: ADM centre crop, then an optional random left-right flip."""
+    """PIL image -> float32 (3, S, S) in [-1, 1] through the ADM centre crop."""
 
-    def __init__(self, image_size: int, random_flip: bool):
+    def __init__(self, image_size: int):
         self.image_size = image_size
-        self.random_flip = random_flip
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = adm_center_crop(image.convert("RGB"), self.image_size)
-        x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-        if self.random_flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x
+        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+class MirroredImages(Dataset):
+    """Index i + N of `dataset` (N = its length) is the left-right mirror of its example i when
+    `random_flip` (`num_views` = 2; `GlobalBatchSampler` draws which view a batch gets)."""
+
+    def __init__(self, dataset: Dataset, random_flip: bool):
+        self.dataset = dataset
+        self.random_flip = random_flip
+        self.num_views = 2 if random_flip else 1
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        n = len(self.dataset)
+        if index >= n * self.num_views:
+            raise IndexError(f"index {index} out of range: {n} images × {self.num_views} views")
+        x, y = self.dataset[index % n]
+        return (x.flip(-1) if index >= n else x), y
 
 
 def _check_folder(root: Path) -> None:
@@ -112,7 +128,7 @@ class ImageFolderDataModule(ImageDataModule):
         # torchvision is slow to import and only needed here.
         from torchvision.datasets.folder import IMG_EXTENSIONS, ImageFolder
 
-        transform = ImageFolderTransform(self.image_size, random_flip)
+        transform = ImageFolderTransform(self.image_size)
         try:
             dataset = ImageFolder(str(root), transform=transform, allow_empty=False)
         except FileNotFoundError as err:
@@ -125,4 +141,4 @@ class ImageFolderDataModule(ImageDataModule):
                 f"the class folders of {root} ({len(dataset.classes)}) differ from those of {self.root} "
                 f"({self.num_classes}); both splits must have the same classes"
             )
-        return dataset
+        return MirroredImages(dataset, random_flip)

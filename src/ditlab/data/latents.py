@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import Dataset
 
 from ditlab.autoencoders import Autoencoder
-from ditlab.data.base import ImageDataModule, collate_batched
+from ditlab.data.base import ImageDataModule, collate_batched, split_views
 
 FORMAT = "ditlab-latents/1"
 MANIFEST = "manifest.json"
@@ -49,15 +49,15 @@ def read_manifest(path: str | Path, require_complete: bool = True) -> dict[str, 
 class LatentDataset(Dataset):
     """Latents and labels of a finished latent folder, memory-mapped and served in whole batches.
 
-    Returns (z, y): z float32 (B, c, h, w), y int64 (B,). With `random_flip` and both views stored, each
-    example is the original or the mirrored image's latent with probability 1/2.
+    Returns (z, y): z float32 (B, c, h, w), y int64 (B,). With `random_flip` and both views stored, index
+    i + N is the mirrored image's latent of example i (`num_views` = 2; `GlobalBatchSampler` draws it).
     """
 
     def __init__(self, path: str | Path, random_flip: bool):
         self.path = Path(path)
         manifest = read_manifest(self.path)
         self.count = manifest["count"]
-        self.views = manifest["views"] if random_flip else 1
+        self.num_views = manifest["views"] if random_flip else 1
         self._arrays: tuple[np.ndarray, np.ndarray] | None = None
 
     def __len__(self) -> int:
@@ -77,8 +77,9 @@ class LatentDataset(Dataset):
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         latents, labels = self.arrays()
-        idx = np.asarray(indices, dtype=np.int64)
-        view = torch.randint(self.views, (len(idx),)).numpy()
+        idx, view = (v.numpy() for v in split_views(indices, self.count))
+        if view.max(initial=0) >= self.num_views:
+            raise IndexError(f"index out of range: {self.count} examples × {self.num_views} stored views")
         z = torch.from_numpy(latents[idx, view]).float()  # fancy indexing copies out of the map
         return z, torch.from_numpy(labels[idx])
 

@@ -6,6 +6,10 @@ perm[g·G : (g+1)·G] for the global batch size G, and rank r of R takes its r-t
 G/R indices. One process with batch G and R processes with G/R each therefore see the same examples
 per step. Lightning saves `state_dict()` in checkpoints and calls `load_state_dict()` on resume, so use
 it with `Trainer(use_distributed_sampler=False)`.
+
+Augmentation is drawn here too, so that no data randomness depends on process count, worker seeds or
+when a batch was prefetched: a dataset with `num_views` V > 1 (V = 2: the image and its mirror) reads
+index i + N·v as view v of example i (N = len(dataset)), and the sampler draws v uniformly.
 """
 
 from collections.abc import Iterator
@@ -18,7 +22,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 class GlobalBatchSampler(Sampler[list[int]]):
     """Yields this rank's index lists of every global batch of an epoch, from `start_batch` on."""
 
-    def __init__(self, num_samples: int, global_batch_size: int, rank: int, world_size: int, seed: int):
+    def __init__(
+        self,
+        num_samples: int,
+        global_batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        num_views: int = 1,
+    ):
         if global_batch_size % world_size != 0:
             raise ValueError(
                 f"global batch size {global_batch_size} is not divisible by the {world_size} processes; "
@@ -29,6 +41,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
                 f"the dataset has {num_samples} examples, fewer than one global batch of {global_batch_size}"
             )
         self.num_samples = num_samples
+        self.num_views = num_views
         self.global_batch_size = global_batch_size
         self.batch_size = global_batch_size // world_size
         self.rank = rank
@@ -42,6 +55,8 @@ class GlobalBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         perm = torch.randperm(self.num_samples, generator=generator)
+        views = torch.randint(self.num_views, (self.num_samples,), generator=generator)
+        perm += self.num_samples * views  # index i + N·v: view v of example i
         for g in range(self.start_batch, len(self)):
             begin = g * self.global_batch_size + self.rank * self.batch_size
             yield perm[begin : begin + self.batch_size].tolist()

@@ -54,7 +54,9 @@ class DiTModule(L.LightningModule):
         self.model = model
         self.ema = copy.deepcopy(model).requires_grad_(False).eval()
         self.diffusion = diffusion
-        self.autoencoder = autoencoder.requires_grad_(False).eval()
+        # Frozen, and kept out of the submodules so that checkpoints do not carry the (84M-parameter)
+        # VAE; it is moved to the device in `on_fit_start`.
+        object.__setattr__(self, "autoencoder", autoencoder.requires_grad_(False).eval())
         self.encode_batches = encode_batches
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup_steps = warmup_steps
@@ -78,6 +80,7 @@ class DiTModule(L.LightningModule):
                 self.model.compile()  # in place: state-dict keys stay free of `_orig_mod.`
 
     def on_fit_start(self) -> None:
+        self.autoencoder.to(self.device)
         batch_size = self.trainer.datamodule.batch_size if self.trainer.datamodule else 1
         self.flops_per_batch = 3 * forward_flops(self.model) * batch_size  # forward + backward ≈ 3×
 
@@ -172,7 +175,7 @@ class DiTModule(L.LightningModule):
         shape = (len(labels), net.in_channels, net.input_size, net.input_size)
         loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
         z = loop(model_fn, shape, model_kwargs={"y": labels}, generator=generator, device=self.device)
-        return self.autoencoder.decode(z).clamp(-1, 1)
+        return self.autoencoder.to(self.device).decode(z).clamp(-1, 1)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

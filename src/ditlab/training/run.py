@@ -53,7 +53,7 @@ def world_size(cfg: DictConfig) -> int:
 
 def coordinates(cfg: DictConfig) -> dict[str, Any]:
     """The run's point in the design space, as logged to W&B config and tags."""
-    return {"block": cfg.block.name, "model": cfg.model.name, "patch": cfg.patch.size}
+    return {"block": cfg.block.name, "model": cfg.model.name, "patch": cfg.patch}
 
 
 def isolate_ddp_children_from_sweep() -> None:
