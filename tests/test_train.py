@@ -35,6 +35,7 @@ TINY = [
 
 
 def run_train(tmp_path: Path, *overrides: str, env: dict | None = None, check: bool = True):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0", **(env or {})}
     args = [sys.executable, str(ROOT / "src" / "train.py"), *overrides]
     if not any(o.startswith("hydra.run.dir") or o == "-m" for o in overrides):
@@ -257,3 +258,40 @@ def test_ema_update_is_the_closed_form():
     module.update_ema()
     for e, e0, p in zip(module.ema.parameters(), ema0, model.parameters(), strict=True):
         torch.testing.assert_close(e, 0.9 * e0 + 0.1 * p)
+
+
+def model_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith(("model.", "ema."))}
+
+
+@needs_fashion_mnist
+def test_two_process_ddp_matches_one_process(tmp_path):
+    # Same global batch of 16: one process of 16, or two (gloo) of 8. Label dropout draws from each
+    # rank's own RNG, so it is off here; examples, flips, timesteps and noise are shared by design.
+    common = [*TINY, "trainer.max_steps=3", "logger=none", "net.class_dropout_prob=0.0"]
+    run_train(tmp_path / "one", *common, f"hydra.run.dir={tmp_path}/one")
+    run_train(tmp_path / "two", *common, "trainer=ddp_cpu", f"hydra.run.dir={tmp_path}/two")
+    one, two = model_weights(tmp_path / "one"), model_weights(tmp_path / "two")
+    assert one.keys() == two.keys()
+    moved = 0.0
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
+        moved = max(moved, (one[key] - two[key]).abs().max().item())
+    assert moved < 1e-5
+
+
+@needs_fashion_mnist
+def test_multirun_with_two_process_ddp_gives_exactly_two_runs(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_train(
+        tmp_path, "-m", "patch=4,8", *[o for o in TINY if not o.startswith("patch")], "trainer=ddp_cpu",
+        "trainer.max_steps=1", "logger=csv", f"hydra.sweep.dir={sweep}",
+    )  # fmt: skip
+    runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert runs == ["0_adaln_zero-DiT-Ti-p4", "1_adaln_zero-DiT-Ti-p8"]  # no job re-launched the sweep
+    for run in runs:
+        ckpt = torch.load(sweep / run / "checkpoints" / "last.ckpt", weights_only=True)
+        assert ckpt["global_step"] == 1
+        assert ckpt["ditlab"]["model_config"]["patch_size"] == int(run[-1])
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()

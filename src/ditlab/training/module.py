@@ -101,6 +101,7 @@ class DiTModule(L.LightningModule):
             metrics["train/vb"] = losses["vb"].mean()
         self.log_dict(metrics, prog_bar=True)
         self.log("train/nonfinite_steps", self.nonfinite_total.float())
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])  # a Python float: no sync
         return loss
 
     def step_noise(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -73,10 +73,8 @@ def build_loggers(cfg: DictConfig, tags: list[str], group: str | None) -> list[A
             if os.environ.get("WANDB_MODE") == "disabled":
                 continue
             offline = os.environ.get("WANDB_MODE") == "offline" or not wandb_logged_in()
-            logger = instantiate(
-                logger_cfg, name=cfg.run_name, group=group, tags=tags, offline=offline,
-                config=OmegaConf.to_container(cfg, resolve=True),
-            )  # fmt: skip
+            logger = instantiate(logger_cfg, name=cfg.run_name, group=group, tags=tags, offline=offline)
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         else:
             logger = instantiate(logger_cfg)
         loggers.append(logger)
@@ -150,6 +148,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     output_dir = Path(cfg.paths.output_dir)
     result: dict[str, Any] = {"output_dir": str(output_dir)}
+    environ_before = dict(os.environ)
     try:
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
@@ -165,6 +164,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         for logger in loggers:
             if isinstance(logger, WandbLogger):
                 logger.experiment.finish()  # one W&B run per Hydra job, also in a multirun
+        # The next job of a multirun must start afresh: Lightning's launcher leaves its process group and
+        # its variables (LOCAL_RANK, WORLD_SIZE, MASTER_PORT, ...) behind, and with LOCAL_RANK set the next
+        # job would wait for children it never launches.
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ_before)
     return result
 
 
