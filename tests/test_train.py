@@ -1,6 +1,7 @@
 """The training platform through its command line (subprocesses, as a user runs it) and in-process."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -30,7 +31,7 @@ TINY = [
     "model=DiT-Ti", "patch=8", "+net.depth=2",
     "data.limit_train_samples=256", "optim.global_batch_size=16", "optim.warmup_steps=0",
     "trainer.log_every_n_steps=1", "callbacks.sample_grid.steps=2", "callbacks.sample_grid.per_class=1",
-    "callbacks.sample_grid.max_classes=3", "callbacks.sample_grid.every_n_steps=0",
+    "callbacks.sample_grid.max_classes=3", "callbacks.sample_grid.every_n_steps=0", "~callbacks.fid",
 ]  # fmt: skip
 
 
@@ -295,3 +296,23 @@ def test_multirun_with_two_process_ddp_gives_exactly_two_runs(tmp_path):
         assert ckpt["global_step"] == 1
         assert ckpt["ditlab"]["model_config"]["patch_size"] == int(run[-1])
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
+
+
+@needs_fashion_mnist
+def test_fid_is_logged_and_recorded_for_the_report(tmp_path):
+    fid = ["callbacks.fid.num_samples=20", "callbacks.fid.num_reference_images=30", "callbacks.fid.steps=2",
+           "callbacks.fid.batch_size=10", "callbacks.fid.every_n_steps=1", f"callbacks.fid.cache_dir={tmp_path}/cache"]  # fmt: skip
+    tiny = [o for o in TINY if o != "~callbacks.fid"]
+    proc = run_train(tmp_path, *tiny, *fid, "trainer.max_steps=2", "logger=csv")
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["coordinates"] == {"block": "adaln_zero", "model": "DiT-Ti", "patch": 8}
+    assert [p["step"] for p in record["fid_history"]] == [1, 2]
+    assert record["fid"] == record["fid_history"][-1]["fid"] and 0 < record["fid"] < 1000
+    assert record["images_seen"] == 2 * 16
+    assert record["train_compute_gflop"] == pytest.approx(record["gflops"] * 3 * 32)
+    assert record["fid_reference_images"] == 30 and "Inception" in record["feature_network"]
+    assert "FID" in proc.stdout
+    assert list((tmp_path / "cache").glob("*.npz"))  # reference statistics cached for the next run
+    with open(next(tmp_path.glob("csv/version_*/metrics.csv"))) as f:
+        logged = [r for r in csv.DictReader(f) if r.get("fid")]
+    assert [float(r["fid"]) for r in logged] == pytest.approx([p["fid"] for p in record["fid_history"]])

@@ -1,7 +1,6 @@
-"""Callbacks of a ditlab run: model summary, throughput and MFU, EMA sample grids, checkpoint on SIGTERM,
-atomic checkpoint files."""
+"""Callbacks of a ditlab run: throughput and MFU, EMA sample grids, checkpoint on SIGTERM, atomic
+checkpoint files. (The run record and FID are in `fid.py`.)"""
 
-import json
 import os
 import time
 from pathlib import Path
@@ -44,29 +43,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not Path(path).is_file():
             raise FileNotFoundError(f"checkpoint not found: {path}")
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
-
-
-class ModelSummary(L.Callback):
-    """At the start of fit: logs Gflops, parameters and the design-space coordinates (as metrics, config
-    and W&B summary values/tags) and writes them to `<output_dir>/model.json`."""
-
-    def __init__(self, output_dir: str):
-        self.output_dir = Path(output_dir)
-
-    @rank_zero_only
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        summary = {**pl_module.complexity(), **pl_module.info.get("coordinates", {})}
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "model.json").write_text(json.dumps(summary, indent=2))
-        for logger in trainer.loggers:
-            logger.log_hyperparams({"model/gflops": summary["gflops"], "model/params_m": summary["params_m"]})
-            if isinstance(logger, WandbLogger):
-                logger.experiment.summary.update(
-                    {"gflops": summary["gflops"], "params_m": summary["params_m"]}
-                )
-        print(
-            f"[ditlab] {summary['params_m']:.2f}M parameters, {summary['gflops']:.3f} Gflops per forward pass"
-        )
 
 
 class Throughput(L.Callback):

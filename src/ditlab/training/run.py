@@ -176,7 +176,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def report(callbacks: list[Any], loggers: list[Any], output_dir: Path) -> dict[str, Any]:
     """Prints where the run's outputs are."""
-    found: dict[str, Any] = {"model_json": str(output_dir / "model.json")}
+    found: dict[str, Any] = {"results": str(output_dir / "results.json")}
     ckpt = output_dir / "checkpoints" / "last.ckpt"
     if ckpt.exists():
         found["checkpoint"] = str(ckpt)

@@ -1,0 +1,238 @@
+"""FID during training, and the run record (`results.json`) that the report reads."""
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from torch.utils.data import DataLoader, Subset
+
+RESULTS_FILE = "results.json"
+
+
+def update_run_record(output_dir: str | Path, **fields: Any) -> dict[str, Any]:
+    """Merges `fields` into `<output_dir>/results.json`, written atomically; returns the record."""
+    path = Path(output_dir) / RESULTS_FILE
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    record.update(fields)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
+    return record
+
+
+def images_seen(trainer: L.Trainer) -> int:
+    return trainer.global_step * trainer.datamodule.batch_size * trainer.world_size
+
+
+class RunRecord(L.Callback):
+    """Logs Gflops, parameters and the design-space coordinates at the start of fit (metrics, config, W&B
+    summary) and keeps `<output_dir>/results.json` (coordinates, Gflops, params, steps, images seen,
+    training compute = Gflops × 3 × images) up to date for `src/report.py`."""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = Path(output_dir)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        summary = pl_module.complexity()
+        wandb = {}
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"model/gflops": summary["gflops"], "model/params_m": summary["params_m"]})
+            if isinstance(logger, WandbLogger):
+                logger.experiment.summary.update(summary)
+                run = logger.experiment
+                wandb = {"project": run.project, "entity": run.entity, "id": run.id}
+        coordinates = pl_module.info.get("coordinates", {})
+        run_name = "-".join(
+            [
+                str(coordinates.get("block", "")),
+                str(coordinates.get("model", "")),
+                f"p{coordinates.get('patch', '')}",
+            ]
+        )
+        update_run_record(
+            self.output_dir, run_name=run_name, coordinates=coordinates, **summary,
+            data=pl_module.info.get("data", {}).get("name"), wandb=wandb or None,
+        )  # fmt: skip
+        print(
+            f"[ditlab] {summary['params_m']:.2f}M parameters, {summary['gflops']:.3f} Gflops per forward pass"
+        )
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            seen = images_seen(trainer)
+            gflops = pl_module.complexity()["gflops"]
+            update_run_record(
+                self.output_dir,
+                step=trainer.global_step,
+                images_seen=seen,
+                train_compute_gflop=gflops * 3 * seen,
+            )
+
+
+class FIDMonitor(L.Callback):
+    """FID of `num_samples` EMA samples (labels uniform over the classes) against reference statistics,
+    every `every_n_steps` steps (0: never) and at the end of training.
+
+    The reference is an ADM `.npz`, an image folder or `fashion_mnist_test` (`reference=`), or, when
+    null, `num_reference_images` images of the datamodule's validation split (its training split when it
+    has none), drawn once with a fixed seed; its statistics are cached (`cache_dir`). Samples are split
+    across ranks (each batch seeded by the index of its first image, so the set does not depend on the
+    number of processes when `batch_size` divides each rank's share); features are gathered and rank 0 computes the FID with torchmetrics. Logged as `fid`
+    with the run's Gflops, parameters and training compute so far (`train_compute_gflop`), and recorded
+    in `results.json`. Features come from the TensorFlow Inception-v3 (see `ditlab.metrics.features`).
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        every_n_steps: int = 0,
+        num_samples: int = 1000,
+        reference: str | None = None,
+        num_reference_images: int = 10_000,
+        sampler: str = "ddim",
+        steps: int = 50,
+        cfg_scale: float = 1.0,
+        batch_size: int = 100,
+        seed: int = 0,
+        cache_dir: str | None = None,
+        inception: str | None = None,
+    ):
+        self.output_dir = Path(output_dir)
+        self.every_n_steps = every_n_steps
+        self.num_samples = num_samples
+        self.reference = reference
+        self.num_reference_images = num_reference_images
+        self.sampler, self.steps, self.cfg_scale = sampler, steps, cfg_scale
+        self.batch_size = batch_size
+        self.seed = seed
+        self.cache_dir = cache_dir
+        self.inception = inception
+        self.history: list[dict[str, Any]] = []
+        self.last_result: dict[str, Any] | None = None
+        self._net = None
+        self._reference_stats = None
+
+    def network(self, device: torch.device) -> torch.nn.Module:
+        if self._net is None:
+            from ditlab.metrics.features import InceptionFeatures
+
+            self._net = InceptionFeatures(self.inception)
+        return self._net.to(device)
+
+    def reference_stats(self, trainer: L.Trainer, device: torch.device) -> Any:
+        """Reference statistics, computed once (and cached on disk)."""
+        if self._reference_stats is not None:
+            return self._reference_stats
+        from ditlab.metrics.reference import (
+            DEFAULT_CACHE_DIR,
+            cached_reference,
+            load_reference,
+            reference_from_images,
+        )
+
+        net = self.network(device)
+        cache_dir = self.cache_dir or DEFAULT_CACHE_DIR
+        if self.reference is not None:
+            self._reference_stats = load_reference(self.reference, net, cache_dir=cache_dir, device=device)
+            return self._reference_stats
+        datamodule = trainer.datamodule
+        if datamodule.is_latent:
+            raise ValueError(
+                "FID of a latent-space run needs reference images: set callbacks.fid.reference to an ADM "
+                ".npz (e.g. VIRTUAL_imagenet256_labeled.npz) or an image folder"
+            )
+        split = "val" if datamodule.build_dataset("val", random_flip=False) is not None else "train"
+        dataset = datamodule.build_dataset(split, random_flip=False)
+        n = min(self.num_reference_images, len(dataset))
+        keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n].tolist()
+        loader = DataLoader(
+            Subset(dataset, keep), batch_size=self.batch_size, collate_fn=datamodule.collate_fn
+        )
+        batches = ((x + 1) / 2 for x, _ in loader)
+        source = f"{type(datamodule).__name__} {split} ({n} images of {datamodule.source})"
+        self._reference_stats = cached_reference(
+            f"{type(datamodule).__name__}-{split}-{datamodule.image_size}px-{n}", net,
+            lambda: reference_from_images(batches, net, source=source, num_pr_images=0, device=device),
+            cache_dir=cache_dir, fingerprint=f"{datamodule.source}|{keep[:8]}",
+        )  # fmt: skip
+        return self._reference_stats
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.history or self.history[-1]["step"] != trainer.global_step:
+            self.evaluate(trainer, pl_module)
+
+    @torch.no_grad()
+    def sample_features(self, trainer: L.Trainer, pl_module: L.LightningModule) -> torch.Tensor:
+        """Pool features (num_samples, 2048) of EMA samples, generated in shares across the ranks."""
+        device, world, rank = pl_module.device, trainer.world_size, trainer.global_rank
+        net = self.network(device)
+        per_rank = math.ceil(self.num_samples / world)
+        begin, end = rank * per_rank, min((rank + 1) * per_rank, self.num_samples)
+        features = torch.zeros(per_rank, net.num_features, device=device)
+        for start in range(begin, end, self.batch_size):
+            n = min(self.batch_size, end - start)
+            generator = torch.Generator(device).manual_seed(self.seed * 1_000_003 + start)
+            labels = torch.randint(pl_module.ema.num_classes, (n,), generator=generator, device=device)
+            with trainer.precision_plugin.forward_context():
+                images = pl_module.sample(
+                    labels,
+                    cfg_scale=self.cfg_scale,
+                    sampler=self.sampler,
+                    steps=self.steps,
+                    generator=generator,
+                )
+            features[start - begin : start - begin + n] = net((images.float() + 1) / 2)
+        if world > 1:
+            features = pl_module.all_gather(features).reshape(-1, net.num_features)
+        return features[: self.num_samples]
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from ditlab.metrics.fid import PrecomputedFeatures, frechet_metric
+
+        if trainer.is_global_zero:
+            reference = self.reference_stats(trainer, pl_module.device)
+        features = self.sample_features(trainer, pl_module)
+        if not trainer.is_global_zero:
+            return
+        metric = frechet_metric(PrecomputedFeatures(features.shape[1]), reference.mu, reference.sigma)
+        metric.update(features.double().cpu(), real=False)
+        fid = metric.compute().item()
+        gflops = pl_module.complexity()["gflops"]
+        seen = images_seen(trainer)
+        point = {
+            "step": trainer.global_step,
+            "images_seen": seen,
+            "train_compute_gflop": gflops * 3 * seen,
+            "fid": fid,
+        }
+        self.history.append(point)
+        for logger in trainer.loggers:
+            logger.log_metrics(
+                {"fid": fid, "train_compute_gflop": point["train_compute_gflop"]}, step=trainer.global_step
+            )
+            if isinstance(logger, WandbLogger):
+                logger.experiment.summary.update(
+                    {"fid": fid, "train_compute_gflop": point["train_compute_gflop"]}
+                )
+        self.last_result = {"fid": fid, "num_samples": self.num_samples, "reference": reference.source}
+        update_run_record(
+            self.output_dir, fid=fid, fid_num_samples=self.num_samples, fid_reference=reference.source,
+            fid_reference_images=reference.num_images, feature_network=self._net.identity,
+            fid_sampler=f"{self.sampler} {self.steps} steps, cfg {self.cfg_scale}", fid_history=self.history,
+        )  # fmt: skip
+        print(
+            f"[ditlab] step {trainer.global_step}: FID {fid:.2f} ({self.num_samples} EMA samples, {self.sampler} "
+            f"{self.steps} steps, cfg {self.cfg_scale}; vs {reference.source})"
+        )
