@@ -316,3 +316,17 @@ def test_fid_is_logged_and_recorded_for_the_report(tmp_path):
     with open(next(tmp_path.glob("csv/version_*/metrics.csv"))) as f:
         logged = [r for r in csv.DictReader(f) if r.get("fid")]
     assert [float(r["fid"]) for r in logged] == pytest.approx([p["fid"] for p in record["fid_history"]])
+
+
+@needs_fashion_mnist
+def test_init_from_starts_model_and_ema_from_the_checkpoint_weights(tmp_path):
+    run_train(tmp_path / "a", *TINY, "trainer.max_steps=2", "logger=none", f"hydra.run.dir={tmp_path}/a")
+    source = model_weights(tmp_path / "a")
+    # lr 0: the step leaves the weights where init_from put them (the source's EMA weights by default).
+    run_train(tmp_path / "b", *TINY, "trainer.max_steps=1", "logger=none", "optim.lr=0.0", "seed=7",
+              f"init_from={tmp_path}/a/checkpoints/last.ckpt", f"hydra.run.dir={tmp_path}/b")  # fmt: skip
+    started = model_weights(tmp_path / "b")
+    for key, value in source.items():
+        if key.startswith("ema."):
+            torch.testing.assert_close(started["model." + key[4:]], value)
+            torch.testing.assert_close(started[key], value)

@@ -217,11 +217,6 @@ class DiTModule(L.LightningModule):
             if rng["cuda"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Initialise model and EMA from DiT weights (fine-tuning from a released checkpoint)."""
-        self.model.load_state_dict(state_dict)
-        self.ema.load_state_dict(state_dict)
-
     def complexity(self) -> dict[str, float]:
         """Forward Gflops per sample (the paper's convention) and parameters in millions."""
         return {"gflops": forward_flops(self.model) / 2e9, "params_m": count_params(self.model) / 1e6}

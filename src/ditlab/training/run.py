@@ -114,9 +114,10 @@ def build_module(cfg: DictConfig, datamodule: Any, autoencoder: Any) -> DiTModul
         compile=cfg.compile, seed=cfg.seed, info=info,
     )  # fmt: skip
     if cfg.init_from:
-        from ditlab.interop.checkpoints import load_dit
+        from ditlab.interop import init_from_checkpoint
 
-        module.load_weights(load_dit(cfg.init_from, expect=model.config).model.state_dict())
+        init_from_checkpoint(module.model, cfg.init_from)  # a different class count keeps the fresh label table
+        module.ema.load_state_dict(module.model.state_dict())
     return module
 
 
