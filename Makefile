@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: install data demo test test-all lint format bench
+.PHONY: install data demo test test-all lint format report bench
 
 install: $(VENV)/.installed
 
@@ -37,3 +37,11 @@ lint: install
 format: install
 	$(VENV)/bin/ruff check --fix src tests experiments
 	$(VENV)/bin/ruff format src tests experiments
+
+# Tables and figures of a sweep: make report RUNS=multirun/<time>
+report: install
+	$(PY) src/report.py runs=$(RUNS)
+
+# Training and sampling throughput, reference recipe vs ditlab, side by side (see experiments/bench.py)
+bench: install
+	$(PY) experiments/bench.py
