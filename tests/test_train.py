@@ -330,3 +330,15 @@ def test_init_from_starts_model_and_ema_from_the_checkpoint_weights(tmp_path):
         if key.startswith("ema."):
             torch.testing.assert_close(started["model." + key[4:]], value)
             torch.testing.assert_close(started[key], value)
+
+
+def test_fsdp_strategy_wraps_each_dit_block():
+    from hydra.utils import instantiate
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from ditlab.models import DiTBlock
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["trainer=fsdp"])
+    policy = instantiate(cfg.trainer.strategy).kwargs["auto_wrap_policy"]
+    assert isinstance(policy, ModuleWrapPolicy) and policy._module_classes == {DiTBlock}
