@@ -1,0 +1,695 @@
+"""Training and sampling throughput of one DiT design point: ditlab against the published recipe.
+
+    python experiments/bench.py --model DiT-S/4 --batch 8 --modes reference,ours
+    python experiments/bench.py --model DiT-XL/2 --batch 64 --modes reference,ours,ours-bf16,ours-bf16-compile
+    python experiments/bench.py --summarize experiments/bench_results/*.json
+
+Work timed:
+- train: one optimizer step on random latents (no data loading, no VAE): forward, L_hybrid, backward,
+  AdamW step, EMA update;
+- sample: steps of ancestral DDPM sampling with classifier-free guidance (conditional and null halves
+  in one doubled batch) of a `--sample-steps` process; images/s are for the whole process.
+
+Modes:
+- `reference`: the published recipe, `ditlab.training.reference_recipe` (what it re-creates is listed
+  there): fp32 (TF32 matrix products on CUDA, as the reference sets), eager, explicit attention, default
+  AdamW, a Python-loop EMA, host-device copies of the schedule tables, `loss.item()` every step;
+  adaLN-Zero only, as published.
+- `ours`: ditlab as training runs it: a `DiTModule` fitted by a Lightning `Trainer` (precision 32-true,
+  TF32 on CUDA as `train.py` sets): its training_step, per-step seeded noise, fused AdamW with the
+  device-side non-finite skip, grad-norm logging and foreach-lerp EMA, Lightning's loop included
+  (its progress bar off: see -pbar).
+  Sampling: the module's diffusion respaced, `cfg_model_fn` and `p_sample_loop_progressive` on its EMA.
+- suffixes of `ours`: `-bf16` (precision bf16-mixed; autocast for sampling), `-compile` (torch.compile
+  of the model, of the EMA for sampling; the first block's time is reported as warm-up), `-ckpt`
+  (activation checkpointing per block; training only), `-pbar` (Lightning's default progress bar,
+  refreshed every step as in `train.py`; it reads the logged metrics with `.item()`, a host-device sync
+  per step; training only, off otherwise). E.g. `ours-bf16-compile`.
+
+Method: every mode first runs one untimed block (its wall time is `warmup_s`: compilation, kernel
+selection, first allocations); then `--repeats` rounds in which each mode runs `--warmup` untimed and
+`--steps` timed steps, the mode order reversed every other round (A B B A ...) so that drift in the
+machine's load falls on all modes alike. Times come from CUDA events (CPU: perf_counter) around the
+timed steps; a row reports the median and the range over the rounds. Peak memory = the state the work
+keeps (training: weights, EMA, gradients, optimizer state; sampling: the sampled weights) + the largest
+rise during a timed block above what was allocated at its start (CUDA: allocator counters; CPU: peak RSS
+after resetting it through /proc/self/clear_refs, indicative only). MFU is against a dense matrix
+product measured in the same run (bf16 on CUDA, fp32 on CPU), with 3× the forward FLOPs for a training
+image and 2× per guided sampling step.
+
+Results go to `<out>/<device>-<date>[-<tag>].json`. Imports only torch, Lightning, timm and ditlab's
+models, diffusion and training module (no Hydra, OmegaConf, W&B or diffusers).
+"""
+
+import argparse
+import contextlib
+import copy
+import datetime
+import gc
+import itertools
+import json
+import logging
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from torch import Tensor
+
+from ditlab.autoencoders.base import IdentityAutoencoder
+from ditlab.diffusion import cfg_model_fn, create_diffusion
+from ditlab.metrics import forward_flops
+from ditlab.models import build_dit
+from ditlab.training import reference_recipe
+from ditlab.training.module import DiTModule
+
+KINDS = ("train", "sample")
+FLAGS = ("bf16", "compile", "ckpt", "pbar")
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    reference: bool = False
+    bf16: bool = False
+    compile: bool = False
+    ckpt: bool = False
+    pbar: bool = False
+
+
+def parse_mode(name: str) -> Mode:
+    """'reference', 'ours' or 'ours' with any of the suffixes -bf16, -compile, -ckpt, -pbar."""
+    base, *flags = name.split("-")
+    if base == "reference" and not flags:
+        return Mode(name, reference=True)
+    if base != "ours" or any(f not in FLAGS for f in flags) or len(set(flags)) != len(flags):
+        raise ValueError(
+            f"unknown mode {name!r}: use 'reference' (the published recipe, as published) or 'ours' with "
+            f"any of the suffixes {', '.join('-' + f for f in FLAGS)}, e.g. 'ours-bf16-compile'"
+        )
+    return Mode(name, **{f: True for f in flags})
+
+
+# ---- clocks and memory -------------------------------------------------------------------------------
+
+
+def mark(device: torch.device) -> torch.cuda.Event | float:
+    """A point in time on the device's stream (CUDA event) or the host clock."""
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def seconds_between(start: torch.cuda.Event | float, end: torch.cuda.Event | float) -> float:
+    if isinstance(start, float):
+        return end - start
+    end.synchronize()
+    return start.elapsed_time(end) / 1000
+
+
+def _proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        kb = next(line.split()[1] for line in f if line.startswith(field + ":"))
+    return int(kb) * 1024
+
+
+class MemoryProbe:
+    """`rise`: the largest memory in use during the `with` block minus what was in use at its start."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.rise = 0
+
+    def __enter__(self) -> "MemoryProbe":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets the peak resident set size (VmHWM) to the current one
+            self.start = _proc_status_bytes("VmRSS")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            peak = _proc_status_bytes("VmHWM")
+        self.rise = max(peak - self.start, 0)
+
+
+def tensor_bytes(tensors: Iterator[Tensor]) -> int:
+    """Bytes of the distinct storages behind `tensors` (None entries skipped)."""
+    storages = {}
+    for t in tensors:
+        if t is not None:
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def module_tensors(*modules: torch.nn.Module) -> Iterator[Tensor]:
+    """Parameters, their gradients and buffers of `modules`."""
+    for module in modules:
+        for p in module.parameters():
+            yield p
+            yield p.grad
+        yield from module.buffers()
+
+
+def matmul_tflops(device: torch.device, size: int) -> tuple[float, str]:
+    """Peak rate of a dense size×size×size matrix product (the fastest of several): bf16 on CUDA, fp32 on
+    the CPU, where the fastest of several also filters out other processes' load."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(2):
+        a @ b
+    fastest = float("inf")
+    for _ in range(10 if device.type == "cuda" else 5):
+        start = mark(device)
+        a @ b
+        fastest = min(fastest, seconds_between(start, mark(device)))
+    return 2 * size**3 / fastest / 1e12, str(dtype).removeprefix("torch.")
+
+
+# ---- the work --------------------------------------------------------------------------------------
+
+
+class Work(Protocol):
+    """One kind of work in one mode: `run` times `steps` steps after `warmup` untimed ones and returns
+    seconds per step; `state` lists the tensors the work keeps between steps."""
+
+    def run(self, warmup: int, steps: int) -> float: ...
+
+    def state(self) -> Iterator[Tensor]: ...
+
+
+class Repeated:
+    """An iterable of `length` copies of one batch: Lightning's training loader for the benchmark."""
+
+    def __init__(self, batch: tuple[Tensor, Tensor], length: int):
+        self.batch, self.length = batch, length
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return itertools.repeat(self.batch, self.length)
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class StepMarks(L.Callback):
+    """Marks the start and the end of every training step on the device's clock."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.starts, self.ends = device, [], []
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        self.starts.append(mark(self.device))
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        self.ends.append(mark(self.device))
+
+
+class StayOnDevice(SingleDeviceStrategy):
+    """Lightning's strategy minus the move of module and optimizer state to the CPU when `fit` ends:
+    the benchmark fits many short blocks, and those copies are no part of a training step."""
+
+    def teardown(self) -> None:
+        self.precision_plugin.teardown()
+        self.accelerator.teardown()
+        self.checkpoint_io.teardown()
+
+
+class OursTrain(Work):
+    """Steps of `DiTModule` under a Lightning Trainer, one `fit` per block (a fresh optimizer each time,
+    whose first step the untimed warm-up absorbs)."""
+
+    def __init__(
+        self, module: DiTModule, eager: torch.nn.Module, mode: Mode, batch: tuple, root: str, backend: str
+    ):
+        self.module, self.eager, self.mode, self.batch, self.root = module, eager, mode, batch, root
+        # A compiled wrapper of the same DiT: the module's own `model.compile()` would compile in place
+        # and leave no eager path for the other modes of this run.
+        self.model = torch.compile(eager, backend=backend) if mode.compile else eager
+
+    def run(self, warmup: int, steps: int) -> float:
+        device = self.batch[0].device
+        self.module.model = self.model
+        self.eager.gradient_checkpointing = self.mode.ckpt
+        marks = StepMarks(device)
+        trainer = L.Trainer(
+            accelerator=device.type,
+            devices=1,
+            strategy=StayOnDevice(device=device),
+            precision="bf16-mixed" if self.mode.bf16 else "32-true",
+            max_steps=warmup + steps,
+            log_every_n_steps=50,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=self.mode.pbar,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            default_root_dir=self.root,
+            callbacks=[marks],
+        )
+        with open(os.devnull, "w") as sink:
+            bar_output = contextlib.redirect_stderr(sink) if self.mode.pbar else contextlib.nullcontext()
+            with bar_output:
+                trainer.fit(self.module, train_dataloaders=Repeated(self.batch, warmup + steps))
+        self.module.trainer = None  # drop the Trainer and its optimizer before the next block
+        return seconds_between(marks.starts[warmup], marks.ends[-1]) / steps
+
+    def state(self) -> Iterator[Tensor]:
+        return module_tensors(self.module)
+
+
+class ReferenceTrain(Work):
+    """Steps of the published train.py loop (`reference_recipe.train_step`)."""
+
+    def __init__(self, recipe: "ReferenceObjects", batch: tuple[Tensor, Tensor]):
+        self.recipe, self.batch = recipe, batch
+
+    def run(self, warmup: int, steps: int) -> float:
+        r, (x, y) = self.recipe, self.batch
+        r.model.train()
+        for _ in range(warmup):
+            reference_recipe.train_step(r.model, r.ema, r.optimizer, r.diffusion, x, y)
+        start = mark(x.device)
+        for _ in range(steps):
+            reference_recipe.train_step(r.model, r.ema, r.optimizer, r.diffusion, x, y)
+        return seconds_between(start, mark(x.device)) / steps
+
+    def state(self) -> Iterator[Tensor]:
+        r = self.recipe
+        yield from module_tensors(r.model, r.ema)
+        for state in r.optimizer.state.values():
+            yield from (v for v in state.values() if isinstance(v, Tensor))
+
+
+def time_loop(loop: Iterator, device: torch.device, warmup: int, steps: int) -> float:
+    """Seconds per step of a sampling loop (a generator of steps), after `warmup` steps."""
+    try:
+        for _ in range(warmup):
+            next(loop)
+        start = mark(device)
+        for _ in range(steps):
+            next(loop)
+        return seconds_between(start, mark(device)) / steps
+    finally:
+        loop.close()
+
+
+class OursSample(Work):
+    """Guided DDPM steps as `DiTModule.sample` takes them, on the module's EMA."""
+
+    def __init__(
+        self, module: DiTModule, mode: Mode, labels: Tensor, sample_steps: int, cfg_scale: float, backend: str
+    ):
+        self.module, self.mode, self.labels = module, mode, labels
+        net = module.ema
+        self.net = torch.compile(net, backend=backend) if mode.compile else net
+        self.diffusion = module.diffusion.respace(str(sample_steps))
+        channels = net.in_channels
+        self.model_fn = cfg_model_fn(
+            self.net, cfg_scale, null_class=net.num_classes, guidance_channels=min(3, channels)
+        )  # three guided channels, as the reference
+        self.shape = (len(labels), channels, net.input_size, net.input_size)
+
+    def run(self, warmup: int, steps: int) -> float:
+        device = self.labels.device
+        self.module.ema.eval()  # no label dropout
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.mode.bf16):
+            loop = self.diffusion.p_sample_loop_progressive(
+                self.model_fn, self.shape, model_kwargs={"y": self.labels}, device=device
+            )
+            return time_loop(loop, device, warmup, steps)
+
+    def state(self) -> Iterator[Tensor]:
+        return module_tensors(self.module.ema)
+
+
+class ReferenceSample(Work):
+    """sample.py's guided loop: the doubled batch through `forward_with_cfg`, on the reference EMA."""
+
+    def __init__(self, recipe: "ReferenceObjects", labels: Tensor, sample_steps: int, cfg_scale: float):
+        self.recipe, self.labels, self.cfg_scale = recipe, labels, cfg_scale
+        self.diffusion = reference_recipe.ReferenceDiffusion(str(sample_steps))
+
+    def run(self, warmup: int, steps: int) -> float:
+        model, labels = self.recipe.ema.eval(), self.labels
+        z = torch.randn(len(labels), model.in_channels, *self.recipe.input_hw, device=labels.device)
+        y = torch.cat([labels, torch.full_like(labels, model.num_classes)])
+        kwargs = {"y": y, "cfg_scale": self.cfg_scale}
+        loop = self.diffusion.p_sample_loop_progressive(model.forward_with_cfg, torch.cat([z, z]), kwargs)
+        return time_loop(loop, labels.device, warmup, steps)
+
+    def state(self) -> Iterator[Tensor]:
+        return module_tensors(self.recipe.ema)
+
+
+class ReferenceObjects:
+    """The reference model (ditlab's initial weights), its EMA, default AdamW and training diffusion."""
+
+    def __init__(self, args: argparse.Namespace, weights: dict[str, Tensor], device: torch.device):
+        with torch.device(device):
+            self.model = reference_recipe.reference_dit(
+                args.model, input_size=args.input_size, in_channels=args.channels,
+                num_classes=args.num_classes, depth=args.depth,
+            )  # fmt: skip
+        self.model.load_state_dict(weights)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0)
+        self.diffusion = reference_recipe.ReferenceDiffusion()
+        self.input_hw = (args.input_size, args.input_size)
+
+
+def build_ours(args: argparse.Namespace, device: torch.device) -> DiTModule:
+    with torch.device(device):
+        model = build_dit(
+            args.model, args.block, input_size=args.input_size, in_channels=args.channels,
+            num_classes=args.num_classes, depth=args.depth,
+        )  # fmt: skip
+        return DiTModule(model, create_diffusion(), IdentityAutoencoder(), seed=args.seed)
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+
+
+def describe_device(device: torch.device) -> dict[str, Any]:
+    if device.type == "cuda":
+        return {"name": torch.cuda.get_device_name(device), "cuda": torch.version.cuda}
+    cpu_model = platform.processor() or "unknown CPU"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu_model = next(
+            (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu_model
+        )
+    return {"name": cpu_model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", re.sub(r"\(r\)|\(tm\)", "", text.lower())).strip("-")
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs every (kind, mode) of `args` interleaved; returns the record written as JSON."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # Lightning's strategy needs an index
+    if device.type == "cuda":  # the reference's setting and train.py's for fp32 work
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    load_at_start = os.getloadavg()
+    modes = [parse_mode(m) for m in args.modes]
+    module = build_ours(args, device)
+    recipe = (
+        ReferenceObjects(args, module.model.state_dict(), device) if any(m.reference for m in modes) else None
+    )
+    flops = forward_flops(module.model)  # one image, forward, multiply-adds counted as 2
+    rate, rate_dtype = matmul_tflops(device, args.matmul_size or (8192 if device.type == "cuda" else 1024))
+    x = torch.randn(args.batch, args.channels, args.input_size, args.input_size, device=device)
+    y = torch.randint(0, args.num_classes, (args.batch,), device=device)
+    root = tempfile.mkdtemp(prefix="ditlab-bench-")
+    eager = module.model
+
+    works: dict[tuple[str, str], Work] = {}
+    for kind, mode in itertools.product(args.kinds, modes):
+        if kind == "sample" and (mode.ckpt or mode.pbar):
+            continue  # checkpointing acts only when gradients are taken; the bar only in training
+        if kind == "train":
+            works[kind, mode.name] = (
+                ReferenceTrain(recipe, (x, y))
+                if mode.reference
+                else OursTrain(module, eager, mode, (x, y), root, args.compile_backend)
+            )
+        else:
+            works[kind, mode.name] = (
+                ReferenceSample(recipe, y, args.sample_steps, args.cfg_scale)
+                if mode.reference
+                else OursSample(module, mode, y, args.sample_steps, args.cfg_scale, args.compile_backend)
+            )
+
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in works}
+    rises: dict[tuple[str, str], int] = dict.fromkeys(works, 0)
+    warmup_s: dict[tuple[str, str], float] = {}
+    errors: dict[tuple[str, str], str] = {}
+
+    def block(key: tuple[str, str], warmup: int, steps: int) -> float | None:
+        try:
+            return works[key].run(warmup, steps)
+        except torch.OutOfMemoryError as e:
+            errors[key] = f"out of memory: {str(e).splitlines()[0]}"
+            gc.collect()
+            torch.cuda.empty_cache()
+            return None
+
+    for key in works:  # first block of each: compilation, kernel choice, first allocations
+        gc.collect()
+        start = time.perf_counter()
+        block(key, args.warmup, args.steps)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        warmup_s[key] = time.perf_counter() - start
+        print(f"[bench] {key[0]} {key[1]}: warm-up block {warmup_s[key]:.1f} s", file=sys.stderr)
+    for round_ in range(args.repeats):
+        order = list(works) if round_ % 2 == 0 else list(reversed(works))
+        for key in order:
+            if key in errors:
+                continue
+            gc.collect()  # earlier blocks' garbage (Trainers and their optimizers) goes first
+            with MemoryProbe(device) as probe:
+                seconds = block(key, args.warmup, args.steps)
+            if seconds is not None:
+                times[key].append(seconds)
+                rises[key] = max(rises[key], probe.rise)
+
+    rows = []
+    for (kind, mode), seconds in times.items():
+        row: dict[str, Any] = {"kind": kind, "mode": mode, "model": args.model, "block": args.block}
+        row["batch"] = args.batch
+        if (kind, mode) in errors:
+            rows.append({**row, "error": errors[kind, mode]})
+            continue
+        # a training image takes one step; a sampled image takes all the process's steps
+        per_image_steps = 1 if kind == "train" else args.sample_steps
+        step_flops = 3 * flops if kind == "train" else 2 * flops * args.sample_steps
+        median = statistics.median(seconds)
+        state = tensor_bytes(works[kind, mode].state())
+        img_s = args.batch / (median * per_image_steps)
+        rows.append({
+            **row,
+            "ms_per_step": 1000 * median,
+            "ms_per_step_min": 1000 * min(seconds),
+            "ms_per_step_max": 1000 * max(seconds),
+            "ms_per_step_blocks": [1000 * s for s in seconds],
+            "img_s": img_s,
+            "img_s_min": args.batch / (max(seconds) * per_image_steps),
+            "img_s_max": args.batch / (min(seconds) * per_image_steps),
+            "peak_mem_gib": (state + rises[kind, mode]) / 2**30,
+            "state_gib": state / 2**30,
+            "mfu": img_s * step_flops / (rate * 1e12),
+            "warmup_s": warmup_s[kind, mode],
+        })  # fmt: skip
+    for row in rows:
+        ref = next((r for r in rows if r["kind"] == row["kind"] and r["mode"] == "reference"), None)
+        if ref is not None and "img_s" in row and "img_s" in ref:
+            row["vs_reference"] = row["img_s"] / ref["img_s"]
+            # Per round: the reference's time over this mode's, from neighbouring blocks (robust to drift).
+            paired = [
+                r / m for r, m in zip(ref["ms_per_step_blocks"], row["ms_per_step_blocks"], strict=False)
+            ]
+            row["vs_reference_paired"] = statistics.median(paired)
+            row["vs_reference_paired_range"] = [min(paired), max(paired)]
+        if args.target is not None and row["mode"] != "reference" and "img_s" in row:
+            row["target_img_s"], row["meets_target"] = args.target, row["img_s"] >= args.target
+    return {
+        "device": describe_device(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "load_average": {"start": load_at_start, "end": os.getloadavg()},  # 1, 5, 15 minutes
+        "command": " ".join(sys.argv),
+        "config": {k: v for k, v in vars(args).items() if k not in ("out", "summarize")},
+        "fwd_gflops": flops / 2e9,  # the paper's convention: multiply-adds counted once
+        "matmul_tflops": rate,
+        "matmul_dtype": rate_dtype,
+        "rows": rows,
+    }
+
+
+# ---- output ----------------------------------------------------------------------------------------
+
+
+def format_table(record: dict[str, Any]) -> str:
+    c = record["config"]
+    threads = f", {record['device']['torch_threads']} threads" if "torch_threads" in record["device"] else ""
+    head = (
+        f"{c['model']} {c['block']}, batch {c['batch']}, {record['device']['name']} "
+        f"({record['device_type']}{threads}), torch {record['torch']}; median of {c['repeats']} blocks of "
+        f"{c['steps']} steps [range]; matmul {record['matmul_tflops']:.3g} TFLOP/s {record['matmul_dtype']}"
+    )
+    lines = [head, f"{'kind':6} {'mode':20} {'ms/step [range]':>24} {'img/s':>9} {'×ref':>6} "
+             f"{'paired ×ref [range]':>20} {'peak GiB':>9} {'MFU':>6} {'warm-up s':>9}"]  # fmt: skip
+    for r in record["rows"]:
+        if "error" in r:
+            lines.append(f"{r['kind']:6} {r['mode']:20} {r['error']}")
+            continue
+        spread = f"{r['ms_per_step']:.1f} [{r['ms_per_step_min']:.1f}–{r['ms_per_step_max']:.1f}]"
+        ratio = f"{r['vs_reference']:.2f}" if "vs_reference" in r else "-"
+        paired = "-"
+        if "vs_reference_paired" in r:
+            low, high = r["vs_reference_paired_range"]
+            paired = f"{r['vs_reference_paired']:.2f} [{low:.2f}–{high:.2f}]"
+        lines.append(
+            f"{r['kind']:6} {r['mode']:20} {spread:>24} {r['img_s']:9.2f} {ratio:>6} {paired:>20} "
+            f"{r['peak_mem_gib']:9.2f} {100 * r['mfu']:5.1f}% {r['warmup_s']:9.1f}"
+        )
+        if "target_img_s" in r:
+            lines[-1] += f"  target ≥{r['target_img_s']:g}: {'met' if r['meets_target'] else 'NOT met'}"
+    return "\n".join(lines)
+
+
+def write_json(record: dict[str, Any], out_dir: Path, tag: str) -> Path:
+    """Writes `record` atomically to out_dir/<device>-<date>[-<tag>].json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = f"{slug(record['device']['name'])}-{record['date'][:10]}" + (f"-{slug(tag)}" if tag else "")
+    path = out_dir / f"{name}.json"
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def summarize(paths: list[Path]) -> str:
+    """One table over several result files, with targets, and throughput ratios between blocks."""
+    records = []
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"no benchmark result at {path}")
+        records.append(json.loads(path.read_text()))
+    lines = [f"{'model':10} {'block':16} {'kind':6} {'mode':20} {'batch':>5} {'img/s':>9} {'×ref':>6} "
+             f"{'MFU':>6}  target"]  # fmt: skip
+    groups: dict[tuple, dict[str, tuple[float, float]]] = {}
+    for record in records:
+        for r in record["rows"]:
+            if "error" in r:
+                lines.append(f"{r['model']:10} {r['block']:16} {r['kind']:6} {r['mode']:20} {r['error']}")
+                continue
+            ratio = f"{r['vs_reference']:.2f}" if "vs_reference" in r else "-"
+            target = ""
+            if "target_img_s" in r:
+                target = f"≥{r['target_img_s']:g} {'met' if r['meets_target'] else 'NOT met'}"
+            lines.append(
+                f"{r['model']:10} {r['block']:16} {r['kind']:6} {r['mode']:20} {r['batch']:5d} "
+                f"{r['img_s']:9.2f} {ratio:>6} {100 * r['mfu']:5.1f}%  {target}"
+            )
+            key = (r["model"], r["kind"], r["mode"], r["batch"])
+            groups.setdefault(key, {})[r["block"]] = (r["img_s"], record["fwd_gflops"])
+    for (model, kind, mode, batch), blocks in groups.items():
+        if len(blocks) > 1 and "adaln_zero" in blocks:
+            base_img_s, base_gflops = blocks["adaln_zero"]
+            lines.append(f"blocks of {model} {kind} {mode} batch {batch}, relative to adaln_zero:")
+            for name, (img_s, gflops) in blocks.items():
+                lines.append(
+                    f"  {name:16} img/s ×{img_s / base_img_s:.3f}   Gflops ×{gflops / base_gflops:.3f}   "
+                    f"time per Gflop ×{(base_img_s / img_s) / (gflops / base_gflops):.3f}"
+                )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="DiT-S/4", help="size/patch, e.g. DiT-XL/2")
+    p.add_argument("--block", default="adaln_zero", help="in_context, cross_attention, adaln, adaln_zero")
+    p.add_argument("--batch", type=int, default=8, help="images per step (sampling: before doubling)")
+    p.add_argument("--input-size", type=int, default=32, help="latent side (32 for 256×256 images)")
+    p.add_argument("--channels", type=int, default=4, help="latent channels")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--depth", type=int, default=None, help="override the size's number of blocks")
+    p.add_argument("--modes", default="reference,ours", help="comma-separated, e.g. reference,ours,ours-bf16")
+    p.add_argument("--kinds", default="train,sample", help="comma-separated subset of train,sample")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per block")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps before each block's timed ones")
+    p.add_argument("--repeats", type=int, default=5, help="timed blocks per mode (rounds)")
+    p.add_argument("--sample-steps", type=int, default=250, help="DDPM steps of the sampling process")
+    p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale (sample.py's default)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--matmul-size", type=int, default=None, help="side of the matmul that sets MFU's peak")
+    p.add_argument("--target", type=float, default=None, help="images/s the ours rows should reach")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend (aot_eager: a dry run)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "bench_results")
+    p.add_argument("--tag", default="", help="suffix of the result file name")
+    p.add_argument("--summarize", type=Path, nargs="+", help="print a table of these result files and exit")
+    args = p.parse_args(argv)
+    if args.summarize:
+        return args
+    args.modes = list(dict.fromkeys(m.strip() for m in args.modes.split(",") if m.strip()))
+    args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    for mode in args.modes:
+        parse_mode(mode)
+    if "reference" in args.modes and args.block != "adaln_zero":
+        p.error(
+            f"the published reference has only the adaln_zero block; leave 'reference' out for {args.block}"
+        )
+    if not args.modes or any(k not in KINDS for k in args.kinds) or not args.kinds:
+        p.error(f"--kinds must be a comma-separated subset of {','.join(KINDS)} and --modes non-empty")
+    if min(args.batch, args.steps, args.repeats) < 1 or args.warmup < 0:
+        p.error("--batch, --steps and --repeats must be at least 1, --warmup at least 0")
+    if "sample" in args.kinds and args.warmup + args.steps > args.sample_steps:
+        p.error(
+            f"--warmup + --steps ({args.warmup + args.steps}) exceed --sample-steps ({args.sample_steps})"
+        )
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda but no CUDA GPU is visible; use --device cpu")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    args = parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize))
+        return None
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    for message in (  # Lightning's notes on the short fits; FlopCounterMode's hooks around a compiled DiT
+        "smaller than the logging interval",
+        "module\\(s\\) in eval mode",
+        "isinstance\\(treespec",
+        "Using `torch.compile\\(module\\)` when there are global hooks",
+    ):
+        warnings.filterwarnings("ignore", message=f".*{message}")
+    record = benchmark(args)
+    path = write_json(record, args.out, args.tag)
+    print(format_table(record))
+    print(f"[bench] wrote {path}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
