@@ -1,5 +1,6 @@
 """The diffusion objective and samplers against closed forms, in float64."""
 
+import functools
 import itertools
 import math
 
@@ -407,3 +408,24 @@ def test_hot_paths_make_no_host_syncs():
     assert gd.ddim_sample_loop(guided, shape, device="meta", eta=0.5, **kwargs).shape == shape
     losses = gd.training_losses(guided, torch.zeros(shape, device="meta"), **kwargs)
     assert losses["loss"].shape == (2,) and losses["loss"].device.type == "meta"
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_a_step_with_given_noise_equals_the_step_drawing_it_from_the_generator(sampler):
+    diffusion = create_diffusion("10")
+    x, y = torch.randn(4, 2, 4, 4), torch.tensor([0, 1, 2, 3])
+
+    def model_fn(x, t, y):
+        scale = (1 + t.float() / 1000 + y.float() / 10).view(-1, 1, 1, 1)
+        return torch.cat([torch.tanh(x * scale), torch.sin(x)], dim=1)
+
+    step = diffusion.p_sample if sampler == "ddpm" else functools.partial(diffusion.ddim_sample, eta=0.7)
+    for i in (9, 4, 0):
+        t = torch.full((4,), i)
+        drawn = step(model_fn, x, t, model_kwargs={"y": y}, generator=torch.Generator().manual_seed(i))
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(i))
+        given = step(model_fn, x, t, model_kwargs={"y": y}, noise=noise)
+        torch.testing.assert_close(given["sample"], drawn["sample"], rtol=0, atol=0)
+        if i > 0:  # the noise matters
+            other = step(model_fn, x, t, model_kwargs={"y": y}, noise=torch.zeros_like(x))
+            assert not torch.allclose(other["sample"], given["sample"])

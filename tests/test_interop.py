@@ -30,7 +30,6 @@ from ditlab.interop.sampling import (
     concat_npz,
     generate,
     image_generators,
-    reverse_step,
     sample_latents,
     save_npz,
     to_uint8_rgb,
@@ -396,23 +395,6 @@ def toy_model_fn(x, t, y):
     """A smooth stand-in for a learned-sigma model: (N, C, H, W) -> (N, 2C, H, W)."""
     scale = (1 + t.float() / 1000 + y.float() / 10).view(-1, 1, 1, 1)
     return torch.cat([torch.tanh(x * scale), torch.sin(x)], dim=1)
-
-
-@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 0.7)])
-def test_reverse_step_is_the_diffusion_step_with_given_noise(sampler, eta):
-    diffusion = create_diffusion("10")
-    x, y = torch.randn(4, 2, 4, 4), torch.tensor([0, 1, 2, 3])
-    for step in (9, 4, 0):
-        t = torch.full((4,), step)
-        if sampler == "ddpm":
-            expected = diffusion.p_sample(toy_model_fn, x, t, model_kwargs={"y": y},
-                                          generator=torch.Generator().manual_seed(step))["sample"]  # fmt: skip
-        else:
-            expected = diffusion.ddim_sample(toy_model_fn, x, t, eta=eta, model_kwargs={"y": y},
-                                             generator=torch.Generator().manual_seed(step))["sample"]  # fmt: skip
-        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(step))
-        got = reverse_step(diffusion, toy_model_fn, x, t, y, sampler=sampler, eta=eta, noise=noise)
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_to_uint8_rgb_rounds_like_the_reference():

@@ -313,11 +313,16 @@ class GaussianDiffusion(nn.Module):
         clip_denoised: bool = False,
         denoised_fn: Callable[[Tensor], Tensor] | None = None,
         generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """One ancestral step x_t -> x_{t-1}; returns `sample` and `pred_xstart`, (N, C, ...)."""
+        """One ancestral step x_t -> x_{t-1}; returns `sample` and `pred_xstart`, (N, C, ...).
+
+        `noise` (like x) is drawn from `generator` when not given (given: e.g. from per-image generators).
+        """
         out = model_fn(x, self.timestep_map[t], **(model_kwargs or {}))
         p = self.p_mean_variance(out, x, t, clip_denoised, denoised_fn)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        if noise is None:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         # No noise at t = 0: the last step returns the mean. A mask, not a branch, to stay sync-free.
         nonzero = (t != 0).to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
         sample = p["mean"] + nonzero * (0.5 * p["log_variance"]).exp() * noise
@@ -334,8 +339,10 @@ class GaussianDiffusion(nn.Module):
         clip_denoised: bool = False,
         denoised_fn: Callable[[Tensor], Tensor] | None = None,
         generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """One DDIM step x_t -> x_{t-1} (Song et al. 2021, eq. 12); η = 0 is deterministic."""
+        """One DDIM step x_t -> x_{t-1} (Song et al. 2021, eq. 12); η = 0 is deterministic. With η > 0,
+        `noise` (like x) is drawn from `generator` when not given."""
         out = model_fn(x, self.timestep_map[t], **(model_kwargs or {}))
         pred_xstart = self.p_mean_variance(out, x, t, clip_denoised, denoised_fn)["pred_xstart"]
         # ε recomputed from the (possibly clipped) x0 so that the step stays consistent with it.
@@ -345,9 +352,9 @@ class GaussianDiffusion(nn.Module):
         sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
         sample = alpha_bar_prev.sqrt() * pred_xstart + (1 - alpha_bar_prev - sigma**2).sqrt() * eps
         if eta > 0:  # σ is 0 at t = 0 (ᾱ_prev = 1), so the last step adds no noise
-            sample = sample + sigma * torch.randn(
-                x.shape, generator=generator, device=x.device, dtype=x.dtype
-            )
+            if noise is None:
+                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            sample = sample + sigma * noise
         return {"sample": sample, "pred_xstart": pred_xstart}
 
     @torch.no_grad()

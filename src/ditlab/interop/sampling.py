@@ -46,43 +46,6 @@ def _randn(generators: list[torch.Generator], shape: tuple[int, ...]) -> Tensor:
     return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generators])
 
 
-def reverse_step(
-    diffusion: GaussianDiffusion,
-    model_fn: Callable[[Tensor, Tensor, Tensor], Tensor],
-    x: Tensor,
-    t: Tensor,
-    y: Tensor,
-    *,
-    sampler: str = "ddpm",
-    eta: float = 0.0,
-    noise: Tensor | None = None,
-    clip_denoised: bool = False,
-) -> Tensor:
-    """One step x_t -> x_{t-1} (x: (N, C, H, W), t: (N,) indices of `diffusion`'s steps, y: (N,) labels).
-
-    The same step as `diffusion.p_sample` (ancestral, no noise at t = 0) or `diffusion.ddim_sample`, but
-    with the noise (N, C, H, W) given, so that it can come from per-image generators; `noise` may be None
-    for DDIM with eta = 0.
-    """
-    out = model_fn(x, diffusion.timestep_map[t], y)
-    p = diffusion.p_mean_variance(out, x, t, clip_denoised)
-    view = (-1, *([1] * (x.ndim - 1)))
-    if sampler == "ddpm":
-        nonzero = (t != 0).to(x.dtype).view(view)
-        return p["mean"] + nonzero * (0.5 * p["log_variance"]).exp() * noise
-    x0 = p["pred_xstart"]
-    gather = lambda table: table[t].to(x.dtype).view(view)  # noqa: E731
-    eps = (gather(diffusion.sqrt_recip_alphas_cumprod) * x - x0) / gather(
-        diffusion.sqrt_recipm1_alphas_cumprod
-    )
-    alpha_bar, alpha_bar_prev = gather(diffusion.alphas_cumprod), gather(diffusion.alphas_cumprod_prev)
-    sample = alpha_bar_prev.sqrt() * x0
-    if eta == 0:
-        return sample + (1 - alpha_bar_prev).sqrt() * eps
-    sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
-    return sample + (1 - alpha_bar_prev - sigma**2).sqrt() * eps + sigma * noise
-
-
 @torch.no_grad()
 def sample_latents(
     model_fn: Callable[[Tensor, Tensor, Tensor], Tensor],
@@ -108,18 +71,12 @@ def sample_latents(
     noisy = sampler == "ddpm" or eta > 0
     for i in range(diffusion.num_timesteps - 1, -1, -1):
         t = torch.full((len(generators),), i, device=device, dtype=torch.long)
-        noise = _randn(generators, shape) if noisy else None
-        x = reverse_step(
-            diffusion,
-            model_fn,
-            x,
-            t,
-            labels,
-            sampler=sampler,
-            eta=eta,
-            noise=noise,
-            clip_denoised=clip_denoised,
-        )
+        noise = _randn(generators, shape) if noisy else None  # per-image noise: independent of batching
+        kwargs = {"model_kwargs": {"y": labels}, "clip_denoised": clip_denoised, "noise": noise}
+        if sampler == "ddpm":
+            x = diffusion.p_sample(model_fn, x, t, **kwargs)["sample"]
+        else:
+            x = diffusion.ddim_sample(model_fn, x, t, eta=eta, **kwargs)["sample"]
     return x, labels
 
 

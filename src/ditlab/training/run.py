@@ -116,7 +116,8 @@ def build_module(cfg: DictConfig, datamodule: Any, autoencoder: Any) -> DiTModul
     if cfg.init_from:
         from ditlab.interop import init_from_checkpoint
 
-        init_from_checkpoint(module.model, cfg.init_from)  # a different class count keeps the fresh label table
+        # A different class count keeps the fresh label table (fine-tuning to another dataset).
+        init_from_checkpoint(module.model, cfg.init_from)
         module.ema.load_state_dict(module.model.state_dict())
     return module
 
