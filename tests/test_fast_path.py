@@ -30,7 +30,8 @@ def load_bench():
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
 
 
 def random_dit(block: str = "adaln_zero", **kwargs) -> torch.nn.Module:
