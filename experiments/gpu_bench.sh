@@ -3,8 +3,7 @@
 #
 #   bash experiments/gpu_bench.sh           # JSON per point under $OUT (default experiments/bench_results)
 #   bash experiments/gpu_bench.sh --smoke   # the same plan on a tiny model and torch.compile's aot_eager
-#                                           # backend, on whatever device there is (a dry run for the CPU;
-#                                           # results under $OUT or a fresh temporary folder)
+#                                           # backend, on whatever device there is (a dry run for the CPU)
 #
 # Points, most important first (each is one bench.py process with its own time limit, so a failure or an
 # out-of-memory costs only its own rows):
@@ -26,9 +25,6 @@ case "${1:-}" in
     *) echo "usage: $0 [--smoke]" >&2; exit 2 ;;
 esac
 out="${OUT:-experiments/bench_results}"
-if ((smoke)) && [[ -z "${OUT:-}" ]]; then
-    out="$(mktemp -d)"  # a dry run's tiny-model results stay out of experiments/bench_results
-fi
 python="${PYTHON:-python3}"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$out"
