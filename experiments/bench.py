@@ -104,27 +104,20 @@ def parse_mode(name: str) -> Mode:
 # ---- clocks and memory -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Clock:
-    """Points in time: CUDA events on the current stream; on the CPU the wall clock or, with `cpu_time`,
-    the process's CPU time, which other processes on a shared machine do not inflate (with one thread)."""
+def mark(device: torch.device) -> torch.cuda.Event | float:
+    """A point in time on the device's stream (CUDA event) or the host clock."""
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
 
-    device: torch.device
-    cpu_time: bool = False
 
-    def mark(self) -> torch.cuda.Event | float:
-        if self.device.type == "cuda":
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.process_time() if self.cpu_time else time.perf_counter()
-
-    @staticmethod
-    def seconds(start: torch.cuda.Event | float, end: torch.cuda.Event | float) -> float:
-        if isinstance(start, float):
-            return end - start
-        end.synchronize()
-        return start.elapsed_time(end) / 1000
+def seconds_between(start: torch.cuda.Event | float, end: torch.cuda.Event | float) -> float:
+    if isinstance(start, float):
+        return end - start
+    end.synchronize()
+    return start.elapsed_time(end) / 1000
 
 
 def _proc_status_bytes(field: str) -> int:
@@ -179,19 +172,18 @@ def module_tensors(*modules: torch.nn.Module) -> Iterator[Tensor]:
         yield from module.buffers()
 
 
-def matmul_tflops(clock: Clock, size: int) -> tuple[float, str]:
+def matmul_tflops(device: torch.device, size: int) -> tuple[float, str]:
     """Peak rate of a dense size×size×size matrix product (the fastest of several): bf16 on CUDA, fp32 on
     the CPU, where the fastest of several also filters out other processes' load."""
-    device = clock.device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     for _ in range(2):
         a @ b
     fastest = float("inf")
     for _ in range(10 if device.type == "cuda" else 5):
-        start = clock.mark()
+        start = mark(device)
         a @ b
-        fastest = min(fastest, clock.seconds(start, clock.mark()))
+        fastest = min(fastest, seconds_between(start, mark(device)))
     return 2 * size**3 / fastest / 1e12, str(dtype).removeprefix("torch.")
 
 
@@ -221,16 +213,16 @@ class Repeated:
 
 
 class StepMarks(L.Callback):
-    """Marks the start and the end of every training step."""
+    """Marks the start and the end of every training step on the device's clock."""
 
-    def __init__(self, clock: Clock):
-        self.clock, self.starts, self.ends = clock, [], []
+    def __init__(self, device: torch.device):
+        self.device, self.starts, self.ends = device, [], []
 
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
-        self.starts.append(self.clock.mark())
+        self.starts.append(mark(self.device))
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
-        self.ends.append(self.clock.mark())
+        self.ends.append(mark(self.device))
 
 
 class StayOnDevice(SingleDeviceStrategy):
@@ -248,11 +240,9 @@ class OursTrain(Work):
     whose first step the untimed warm-up absorbs)."""
 
     def __init__(
-        self, module: DiTModule, eager: torch.nn.Module, mode: Mode, batch: tuple, root: str, backend: str,
-        clock: Clock,
-    ):  # fmt: skip
+        self, module: DiTModule, eager: torch.nn.Module, mode: Mode, batch: tuple, root: str, backend: str
+    ):
         self.module, self.eager, self.mode, self.batch, self.root = module, eager, mode, batch, root
-        self.clock = clock
         # A compiled wrapper of the same DiT: the module's own `model.compile()` would compile in place
         # and leave no eager path for the other modes of this run.
         self.model = torch.compile(eager, backend=backend) if mode.compile else eager
@@ -261,7 +251,7 @@ class OursTrain(Work):
         device = self.batch[0].device
         self.module.model = self.model
         self.eager.gradient_checkpointing = self.mode.ckpt
-        marks = StepMarks(self.clock)
+        marks = StepMarks(device)
         trainer = L.Trainer(
             accelerator=device.type,
             devices=1,
@@ -283,7 +273,7 @@ class OursTrain(Work):
             with bar_output:
                 trainer.fit(self.module, train_dataloaders=Repeated(self.batch, warmup + steps))
         self.module.trainer = None  # drop the Trainer and its optimizer before the next block
-        return self.clock.seconds(marks.starts[warmup], marks.ends[-1]) / steps
+        return seconds_between(marks.starts[warmup], marks.ends[-1]) / steps
 
     def state(self) -> Iterator[Tensor]:
         return module_tensors(self.module)
@@ -292,18 +282,18 @@ class OursTrain(Work):
 class ReferenceTrain(Work):
     """Steps of the published train.py loop (`reference_recipe.train_step`)."""
 
-    def __init__(self, recipe: "ReferenceObjects", batch: tuple[Tensor, Tensor], clock: Clock):
-        self.recipe, self.batch, self.clock = recipe, batch, clock
+    def __init__(self, recipe: "ReferenceObjects", batch: tuple[Tensor, Tensor]):
+        self.recipe, self.batch = recipe, batch
 
     def run(self, warmup: int, steps: int) -> float:
         r, (x, y) = self.recipe, self.batch
         r.model.train()
         for _ in range(warmup):
             reference_recipe.train_step(r.model, r.ema, r.optimizer, r.diffusion, x, y)
-        start = self.clock.mark()
+        start = mark(x.device)
         for _ in range(steps):
             reference_recipe.train_step(r.model, r.ema, r.optimizer, r.diffusion, x, y)
-        return self.clock.seconds(start, self.clock.mark()) / steps
+        return seconds_between(start, mark(x.device)) / steps
 
     def state(self) -> Iterator[Tensor]:
         r = self.recipe
@@ -312,15 +302,15 @@ class ReferenceTrain(Work):
             yield from (v for v in state.values() if isinstance(v, Tensor))
 
 
-def time_loop(loop: Iterator, clock: Clock, warmup: int, steps: int) -> float:
+def time_loop(loop: Iterator, device: torch.device, warmup: int, steps: int) -> float:
     """Seconds per step of a sampling loop (a generator of steps), after `warmup` steps."""
     try:
         for _ in range(warmup):
             next(loop)
-        start = clock.mark()
+        start = mark(device)
         for _ in range(steps):
             next(loop)
-        return clock.seconds(start, clock.mark()) / steps
+        return seconds_between(start, mark(device)) / steps
     finally:
         loop.close()
 
@@ -329,10 +319,9 @@ class OursSample(Work):
     """Guided DDPM steps as `DiTModule.sample` takes them, on the module's EMA."""
 
     def __init__(
-        self, module: DiTModule, mode: Mode, labels: Tensor, sample_steps: int, cfg_scale: float, backend: str,
-        clock: Clock,
-    ):  # fmt: skip
-        self.module, self.mode, self.labels, self.clock = module, mode, labels, clock
+        self, module: DiTModule, mode: Mode, labels: Tensor, sample_steps: int, cfg_scale: float, backend: str
+    ):
+        self.module, self.mode, self.labels = module, mode, labels
         net = module.ema
         self.net = torch.compile(net, backend=backend) if mode.compile else net
         self.diffusion = module.diffusion.respace(str(sample_steps))
@@ -349,7 +338,7 @@ class OursSample(Work):
             loop = self.diffusion.p_sample_loop_progressive(
                 self.model_fn, self.shape, model_kwargs={"y": self.labels}, device=device
             )
-            return time_loop(loop, self.clock, warmup, steps)
+            return time_loop(loop, device, warmup, steps)
 
     def state(self) -> Iterator[Tensor]:
         return module_tensors(self.module.ema)
@@ -358,10 +347,8 @@ class OursSample(Work):
 class ReferenceSample(Work):
     """sample.py's guided loop: the doubled batch through `forward_with_cfg`, on the reference EMA."""
 
-    def __init__(
-        self, recipe: "ReferenceObjects", labels: Tensor, sample_steps: int, cfg_scale: float, clock: Clock
-    ):
-        self.recipe, self.labels, self.cfg_scale, self.clock = recipe, labels, cfg_scale, clock
+    def __init__(self, recipe: "ReferenceObjects", labels: Tensor, sample_steps: int, cfg_scale: float):
+        self.recipe, self.labels, self.cfg_scale = recipe, labels, cfg_scale
         self.diffusion = reference_recipe.ReferenceDiffusion(str(sample_steps))
 
     def run(self, warmup: int, steps: int) -> float:
@@ -370,7 +357,7 @@ class ReferenceSample(Work):
         y = torch.cat([labels, torch.full_like(labels, model.num_classes)])
         kwargs = {"y": y, "cfg_scale": self.cfg_scale}
         loop = self.diffusion.p_sample_loop_progressive(model.forward_with_cfg, torch.cat([z, z]), kwargs)
-        return time_loop(loop, self.clock, warmup, steps)
+        return time_loop(loop, labels.device, warmup, steps)
 
     def state(self) -> Iterator[Tensor]:
         return module_tensors(self.recipe.ema)
@@ -437,8 +424,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         ReferenceObjects(args, module.model.state_dict(), device) if any(m.reference for m in modes) else None
     )
     flops = forward_flops(module.model)  # one image, forward, multiply-adds counted as 2
-    clock = Clock(device, cpu_time=args.cpu_time)
-    rate, rate_dtype = matmul_tflops(clock, args.matmul_size or (8192 if device.type == "cuda" else 1024))
+    rate, rate_dtype = matmul_tflops(device, args.matmul_size or (8192 if device.type == "cuda" else 1024))
     x = torch.randn(args.batch, args.channels, args.input_size, args.input_size, device=device)
     y = torch.randint(0, args.num_classes, (args.batch,), device=device)
     root = tempfile.mkdtemp(prefix="ditlab-bench-")
@@ -450,17 +436,15 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             continue  # checkpointing acts only when gradients are taken; the bar only in training
         if kind == "train":
             works[kind, mode.name] = (
-                ReferenceTrain(recipe, (x, y), clock)
+                ReferenceTrain(recipe, (x, y))
                 if mode.reference
-                else OursTrain(module, eager, mode, (x, y), root, args.compile_backend, clock)
+                else OursTrain(module, eager, mode, (x, y), root, args.compile_backend)
             )
         else:
             works[kind, mode.name] = (
-                ReferenceSample(recipe, y, args.sample_steps, args.cfg_scale, clock)
+                ReferenceSample(recipe, y, args.sample_steps, args.cfg_scale)
                 if mode.reference
-                else OursSample(
-                    module, mode, y, args.sample_steps, args.cfg_scale, args.compile_backend, clock
-                )
+                else OursSample(module, mode, y, args.sample_steps, args.cfg_scale, args.compile_backend)
             )
 
     times: dict[tuple[str, str], list[float]] = {key: [] for key in works}
@@ -560,7 +544,7 @@ def format_table(record: dict[str, Any]) -> str:
     head = (
         f"{c['model']} {c['block']}, batch {c['batch']}, {record['device']['name']} "
         f"({record['device_type']}{threads}), torch {record['torch']}; median of {c['repeats']} blocks of "
-        f"{c['steps']} steps [range]{' of process CPU time' if c.get('cpu_time') else ''}; matmul {record['matmul_tflops']:.3g} TFLOP/s {record['matmul_dtype']}"
+        f"{c['steps']} steps [range]; matmul {record['matmul_tflops']:.3g} TFLOP/s {record['matmul_dtype']}"
     )
     lines = [head, f"{'kind':6} {'mode':20} {'ms/step [range]':>24} {'img/s':>9} {'×ref':>6} "
              f"{'paired ×ref [range]':>20} {'peak GiB':>9} {'MFU':>6} {'warm-up s':>9}"]  # fmt: skip
@@ -657,11 +641,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target", type=float, default=None, help="images/s the ours rows should reach")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument(
-        "--cpu-time", action="store_true",
-        help="CPU: time by the process's CPU time, not the wall clock, so that other processes on a shared "
-        "machine do not count (needs --threads 1)",
-    )  # fmt: skip
-    p.add_argument(
         "--compile-backend", default="inductor", help="torch.compile backend (aot_eager: a dry run)"
     )
     p.add_argument("--seed", type=int, default=0)
@@ -687,8 +666,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(
             f"--warmup + --steps ({args.warmup + args.steps}) exceed --sample-steps ({args.sample_steps})"
         )
-    if args.cpu_time and (args.threads != 1 or args.device != "cpu"):
-        p.error("--cpu-time measures one thread's work on the CPU: use it with --device cpu --threads 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda but no CUDA GPU is visible; use --device cpu")
     return args

@@ -30,8 +30,7 @@ def load_bench():
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm())
+    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def random_dit(block: str = "adaln_zero", **kwargs) -> torch.nn.Module:
