@@ -27,8 +27,9 @@ DIT_SIZES: dict[str, DiTSize] = {
     "DiT-B": DiTSize(depth=12, hidden_size=768, num_heads=12),
     "DiT-L": DiTSize(depth=24, hidden_size=1024, num_heads=16),
     "DiT-XL": DiTSize(depth=28, hidden_size=1152, num_heads=16),
-    # Not in the paper: a tiny size for CPU work and tests.
-    "DiT-Ti": DiTSize(depth=12, hidden_size=192, num_heads=3, in_paper=False),
+    # Not in the paper: the CPU demo's size (and the tests'). Shallow rather than narrow: on two CPU cores
+    # 4 blocks of d=192 at patch 4 learn Fashion-MNIST footwear in 8 minutes, 12 blocks at patch 8 do not.
+    "DiT-Ti": DiTSize(depth=4, hidden_size=192, num_heads=3, in_paper=False),
 }
 PATCH_SIZES = (2, 4, 8)  # the paper's; any patch size dividing the input works
 

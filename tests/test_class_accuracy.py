@@ -1,0 +1,71 @@
+"""experiments/class_accuracy.py: the Fréchet distance against closed forms, and the per-class scores."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import linalg
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("class_accuracy", ROOT / "experiments" / "class_accuracy.py")
+class_accuracy = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(class_accuracy)
+
+
+def test_frechet_distance_matches_the_closed_form():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 5, generator=g, dtype=torch.float64) @ torch.randn(
+        5, 5, generator=g, dtype=torch.float64
+    )
+    b = torch.randn(300, 5, generator=g, dtype=torch.float64) * 2 + 1
+    mu = (a.mean(0) - b.mean(0)).numpy()
+    ca, cb = np.cov(a.numpy().T), np.cov(b.numpy().T)
+    expected = mu @ mu + np.trace(ca + cb - 2 * linalg.sqrtm(ca @ cb).real)
+    assert class_accuracy.frechet_distance(a, b) == pytest.approx(expected, rel=1e-8)
+    assert class_accuracy.frechet_distance(a, a) == pytest.approx(0, abs=1e-8)
+    assert class_accuracy.frechet_distance(a, a + 3) == pytest.approx(5 * 9, rel=1e-8)  # a shift: |mu|² only
+
+
+def test_scores_of_a_sampler_that_returns_real_images(monkeypatch):
+    """Samples that are test images of their own class: every one labelled right, class FD ~0; samples
+    from class c + 5: none labelled right, a large class FD."""
+    torch.manual_seed(0)
+    real_y = torch.arange(10).repeat_interleave(20)
+    real_x = torch.rand(200, 1, 32, 32) * 2 - 1
+    real_x[:, 0, 0, 0] = real_y / 10  # the class, written in one pixel
+    real_x = ((real_x + 1) * 127.5).round() / 127.5 - 1  # values a uint8 image holds exactly
+    # Features 20·c·v − c² of that pixel's value v peak at c = 10·v; the head is the identity.
+    features = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1024, 10))
+    with torch.no_grad():
+        features[1].weight.zero_()
+        features[1].weight[:, 0] = torch.arange(10.0) * 20
+        features[1].bias.copy_(-(torch.arange(10.0) ** 2))
+    head = torch.nn.Identity()
+    net = torch.nn.Sequential(*features, head)
+
+    def sampler_drawing_class_plus(shift: int) -> type:
+        class Sampler:
+            def __init__(self, *args, **kwargs):
+                pass
+
+            def __call__(self, indices, labels):  # -> (N, H, W, 3) uint8, labels
+                wanted = (labels + shift) % 10
+                picks = torch.stack(
+                    [torch.nonzero(real_y == c)[i % 20, 0] for i, c in enumerate(wanted.tolist())]
+                )
+                images = ((real_x[picks] + 1) * 127.5).round().to(torch.uint8)
+                return images.permute(0, 2, 3, 1).expand(-1, -1, -1, 3), labels
+
+        return Sampler
+
+    monkeypatch.setattr(class_accuracy, "load_dit", lambda checkpoint: None)
+    options = {"per_class": 20, "cfg_scale": 4.0, "sampler": "ddim", "steps": 2, "seed": 0}
+    monkeypatch.setattr(class_accuracy, "ImageSampler", sampler_drawing_class_plus(0))
+    accuracy, distance, images = class_accuracy.class_scores(net, (real_x, real_y), "ckpt", **options)
+    assert accuracy == [1.0] * 10 and images.shape == (200, 1, 32, 32)
+    assert max(distance) < 1e-6
+    monkeypatch.setattr(class_accuracy, "ImageSampler", sampler_drawing_class_plus(5))
+    accuracy, shifted, _ = class_accuracy.class_scores(net, (real_x, real_y), "ckpt", **options)
+    assert accuracy == [0.0] * 10 and min(shifted) > 1000
