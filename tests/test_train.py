@@ -319,6 +319,31 @@ def test_fid_is_logged_and_recorded_for_the_report(tmp_path):
 
 
 @needs_fashion_mnist
+def test_sigterm_during_the_final_fid_skips_it_and_exits_cleanly(tmp_path):
+    """Pre-emption must not wait for an FID: 100K samples would take hours here; the run ends at once."""
+    fid = ["callbacks.fid.num_samples=100000", "callbacks.fid.num_reference_images=20", "callbacks.fid.steps=2",
+           "callbacks.fid.batch_size=10", f"callbacks.fid.cache_dir={tmp_path}/cache"]  # fmt: skip
+    tiny = [o for o in TINY if o != "~callbacks.fid"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, str(ROOT / "src" / "train.py"), *tiny, *fid, "trainer.max_steps=2", "logger=none",
+            f"hydra.run.dir={tmp_path}"]  # fmt: skip
+    proc = subprocess.Popen(
+        args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not last.is_file():  # written when training ends, before the FID
+        time.sleep(0.2)
+    time.sleep(5)  # into the FID (the reference statistics, then sampling)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "SIGTERM: the FID at step 2 is skipped" in out
+    assert torch.load(last, weights_only=True)["global_step"] == 2
+    assert "fid" not in json.loads((tmp_path / "results.json").read_text())
+
+
+@needs_fashion_mnist
 def test_init_from_starts_model_and_ema_from_the_checkpoint_weights(tmp_path):
     run_train(tmp_path / "a", *TINY, "trainer.max_steps=2", "logger=none", f"hydra.run.dir={tmp_path}/a")
     source = model_weights(tmp_path / "a")

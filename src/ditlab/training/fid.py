@@ -174,14 +174,17 @@ class FIDMonitor(L.Callback):
             self.evaluate(trainer, pl_module)
 
     @torch.no_grad()
-    def sample_features(self, trainer: L.Trainer, pl_module: L.LightningModule) -> torch.Tensor:
-        """Pool features (num_samples, 2048) of EMA samples, generated in shares across the ranks."""
+    def sample_features(self, trainer: L.Trainer, pl_module: L.LightningModule) -> torch.Tensor | None:
+        """Pool features (num_samples, 2048) of EMA samples, generated in shares across the ranks; None
+        once a SIGTERM has arrived (pre-emption must not wait for an FID)."""
         device, world, rank = pl_module.device, trainer.world_size, trainer.global_rank
         net = self.network(device)
         per_rank = math.ceil(self.num_samples / world)
         begin, end = rank * per_rank, min((rank + 1) * per_rank, self.num_samples)
         features = torch.zeros(per_rank, net.num_features, device=device)
         for start in range(begin, end, self.batch_size):
+            if trainer.received_sigterm:
+                return None
             n = min(self.batch_size, end - start)
             generator = torch.Generator(device).manual_seed(self.seed * 1_000_003 + start)
             labels = torch.randint(pl_module.ema.num_classes, (n,), generator=generator, device=device)
@@ -201,9 +204,15 @@ class FIDMonitor(L.Callback):
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from ditlab.metrics.fid import PrecomputedFeatures, frechet_metric
 
+        if trainer.received_sigterm:  # Lightning's flag; the training loop has stopped or is stopping
+            print(f"[ditlab] SIGTERM: the FID at step {trainer.global_step} is skipped")
+            return
         if trainer.is_global_zero:
             reference = self.reference_stats(trainer, pl_module.device)
         features = self.sample_features(trainer, pl_module)
+        if features is None:
+            print(f"[ditlab] SIGTERM: the FID at step {trainer.global_step} is skipped")
+            return
         if not trainer.is_global_zero:
             return
         metric = frechet_metric(PrecomputedFeatures(features.shape[1]), reference.mu, reference.sigma)
