@@ -1,12 +1,13 @@
 """Are a Fashion-MNIST model's samples recognisable, class by class? A small CNN classifier, trained once on
-the training split (cached), labels each model's guided samples; the share it assigns to the class they
-were drawn for is the per-class "class accuracy". We used it to choose the CPU demo's recipe: FID on 500
+the training split (cached), labels each model's guided samples: per class, the share it assigns to the
+class they were drawn for ("class accuracy"), and the Fréchet distance of their CNN features to those of
+that class's test images ("class FD"). We used it to choose the CPU demo's recipe: FID on 500
 samples barely moves between recipes that a reader tells apart at a glance (footwear or noise).
 
     python experiments/class_accuracy.py outputs/<run>/<time>/checkpoints/last.ckpt [more.ckpt ...] \
-        [--per-class 50] [--cfg-scale 4] [--sampler ddim] [--steps 50] [--json out.json]
+        [--per-class 50] [--cfg-scale 4] [--sampler ddim] [--steps 50] [--json out.json] [--grid folder]
 
-Prints a table (one row per checkpoint, one column per class) and writes it as JSON.
+Prints both scores per checkpoint (one column per class) and writes them as JSON.
 """
 
 import argparse
@@ -23,12 +24,14 @@ from torchvision.utils import save_image
 from ditlab.data.fashion_mnist import CLASS_NAMES, FashionMNISTDataModule
 from ditlab.interop import load_dit
 from ditlab.interop.sampling import ImageSampler
+from ditlab.metrics.fid import PrecomputedFeatures, frechet_metric
 
 CACHE = Path(os.environ.get("DITLAB_CACHE", Path.home() / ".cache" / "ditlab"))
 
 
 def classifier() -> nn.Module:
-    """A small CNN for (B, 1, 32, 32) images in [-1, 1] -> (B, 10) logits (~92% test accuracy)."""
+    """A small CNN for (B, 1, 32, 32) images in [-1, 1] -> (B, 10) logits (91.4% test accuracy after
+    3 epochs, measured on a 2-core CPU)."""
 
     def conv(cin: int, cout: int) -> nn.Sequential:
         return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
@@ -89,14 +92,12 @@ def trained_classifier(
 
 
 def frechet_distance(a: Tensor, b: Tensor) -> float:
-    """Fréchet distance between Gaussians fitted to features a (N, D) and b (M, D), in float64."""
-    a, b = a.double(), b.double()
-    mu, cov_a, cov_b = a.mean(0) - b.mean(0), torch.cov(a.T), torch.cov(b.T)
-    # tr sqrt(cov_a cov_b) from the eigenvalues of the symmetric sqrt(cov_a) cov_b sqrt(cov_a).
-    vals, vecs = torch.linalg.eigh(cov_a)
-    root_a = vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.T
-    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
-    return (mu @ mu + cov_a.trace() + cov_b.trace() - 2 * cross).item()
+    """Fréchet distance between Gaussians fitted to features a (N, D) and b (M, D), in float64 (the
+    project's FID computation on given features)."""
+    metric = frechet_metric(PrecomputedFeatures(a.shape[1]))
+    metric.update(b, real=True)
+    metric.update(a, real=False)
+    return metric.compute().item()
 
 
 @torch.no_grad()

@@ -204,14 +204,15 @@ class FIDMonitor(L.Callback):
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from ditlab.metrics.fid import PrecomputedFeatures, frechet_metric
 
+        skipped = f"[ditlab] SIGTERM: the FID at step {trainer.global_step} is skipped"
         if trainer.received_sigterm:  # Lightning's flag; the training loop has stopped or is stopping
-            print(f"[ditlab] SIGTERM: the FID at step {trainer.global_step} is skipped")
+            print(skipped)
             return
         if trainer.is_global_zero:
             reference = self.reference_stats(trainer, pl_module.device)
         features = self.sample_features(trainer, pl_module)
         if features is None:
-            print(f"[ditlab] SIGTERM: the FID at step {trainer.global_step} is skipped")
+            print(skipped)
             return
         if not trainer.is_global_zero:
             return
