@@ -58,7 +58,7 @@ class RunRecord(L.Callback):
             ]
         )
         update_run_record(
-            self.output_dir, run_name=run_name, coordinates=coordinates, **summary,
+            self.output_dir, run_name=run_name, coordinates=coordinates, seed=pl_module.seed, **summary,
             data=pl_module.info.get("data", {}).get("name"), wandb=wandb or None,
         )  # fmt: skip
         print(
@@ -104,6 +104,7 @@ class FIDMonitor(L.Callback):
         seed: int = 0,
         cache_dir: str | None = None,
         inception: str | None = None,
+        save_samples: bool = False,
     ):
         self.output_dir = Path(output_dir)
         self.every_n_steps = every_n_steps
@@ -115,6 +116,7 @@ class FIDMonitor(L.Callback):
         self.seed = seed
         self.cache_dir = cache_dir
         self.inception = inception
+        self.save_samples = save_samples
         self.history: list[dict[str, Any]] = []
         self.last_result: dict[str, Any] | None = None
         self._net = None
@@ -182,6 +184,7 @@ class FIDMonitor(L.Callback):
         per_rank = math.ceil(self.num_samples / world)
         begin, end = rank * per_rank, min((rank + 1) * per_rank, self.num_samples)
         features = torch.zeros(per_rank, net.num_features, device=device)
+        kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # (labels, uint8 images) when save_samples
         for start in range(begin, end, self.batch_size):
             if trainer.received_sigterm:
                 return None
@@ -197,9 +200,30 @@ class FIDMonitor(L.Callback):
                     generator=generator,
                 )
             features[start - begin : start - begin + n] = net((images.float() + 1) / 2)
+            if self.save_samples:
+                kept.append((labels.cpu(), images.float().cpu()))
+        if kept:
+            self._save_samples(trainer.global_step, rank, kept)
         if world > 1:
             features = pl_module.all_gather(features).reshape(-1, net.num_features)
         return features[: self.num_samples]
+
+    def _save_samples(self, step: int, rank: int, kept: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """`<output_dir>/samples/fid_step<step>[_rank<r>].npz` as `src/sample.py` writes them: `arr_0`
+        (N, H, W, 3) uint8 and `arr_1` labels (N,), so that the same samples can be scored again later
+        (`src/evaluate.py`, `experiments/class_accuracy.py --samples`)."""
+        import numpy as np
+
+        labels = torch.cat([k[0] for k in kept]).numpy()
+        images = torch.cat([k[1] for k in kept])  # (N, C, H, W) in [-1, 1]
+        pixels = (127.5 * images + 128.0).clamp(0, 255).to(torch.uint8)  # 128 = 127.5 + 0.5: rounds
+        pixels = pixels.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()
+        path = self.output_dir / "samples" / f"fid_step{step:07d}{f'_rank{rank}' if rank else ''}.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            np.savez(f, pixels, labels)
+        os.replace(tmp, path)
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from ditlab.metrics.fid import PrecomputedFeatures, frechet_metric
