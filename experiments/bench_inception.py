@@ -73,13 +73,21 @@ def main() -> None:
     }
     speedup = rows["features"]["images_per_s_median"] / rows["whole-batch"]["images_per_s_median"]
     fid_rel = abs(fids["features"] - fids["whole-batch"]) / fids["whole-batch"]
-    feat_rel = ((features["features"] - features["whole-batch"]).abs().max() / features["whole-batch"].abs().max()).item()
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    feat_rel = (
+        (features["features"] - features["whole-batch"]).abs().max() / features["whole-batch"].abs().max()
+    ).item()
+    print(
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
     print(f"{'mode':<12} {'images/s (median, range)':>28} {'FID':>10}")
     for name, row in rows.items():
         low, high = row["images_per_s_range"]
-        print(f"{name:<12} {row['images_per_s_median']:>12.1f} ({low:.1f}–{high:.1f}) {row['fid_half_vs_half']:>14.6f}")
-    print(f"speed-up ×{speedup:.2f}; FID relative difference {fid_rel:.1e}; features max rel. difference {feat_rel:.1e}")
+        print(
+            f"{name:<12} {row['images_per_s_median']:>12.1f} ({low:.1f}–{high:.1f}) {row['fid_half_vs_half']:>14.6f}"
+        )
+    print(
+        f"speed-up ×{speedup:.2f}; FID relative difference {fid_rel:.1e}; features max rel. difference {feat_rel:.1e}"
+    )
     result = {
         "date": datetime.date.today().isoformat(),
         "machine": platform.processor() or platform.machine(),

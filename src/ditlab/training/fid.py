@@ -258,7 +258,12 @@ class FIDMonitor(L.Callback):
             )
             if isinstance(logger, WandbLogger):
                 logger.experiment.summary.update(
-                    {"fid": fid, "train_compute_gflop": point["train_compute_gflop"]}
+                    {
+                        "fid": fid,
+                        "train_compute_gflop": point["train_compute_gflop"],
+                        "fid_num_samples": self.num_samples,
+                        "feature_network": self._net.identity,
+                    }
                 )
         self.last_result = {"fid": fid, "num_samples": self.num_samples, "reference": reference.source}
         update_run_record(

@@ -1,0 +1,59 @@
+"""FID against Gflops for a sweep of runs: the paper's Table 4 and its scaling figures.
+
+Each finished training run writes `<run folder>/results.json` (its design-space coordinates and seed,
+Gflops, parameters, FID and the FID history against training compute). `load_records` gathers them from
+sweep folders, `load_wandb_records` from a W&B project; runs of one point with different seeds are
+grouped (`group_points`: mean, min and max over seeds); `write_report` turns them into
+
+    table4.md / table4.csv   rows = model size, columns = patch size (paper order): FID, Gflops, params
+    blocks.md / blocks.csv   one row per point, when the conditioning block varies
+    runs.md                  one row per run: seed, steps, FID and its history
+    fid_vs_gflops.png        FID against forward Gflops (log x), one colour and marker per model size
+    fid_vs_compute.png       FID against training compute (Gflops), one curve per point
+
+Modules: `records` (the record schema, loading, grouping), `tables`, `figures`, `wandb_report` (a W&B
+report run), `build` (the report folder and the command line `src/report.py`). The notebook
+`notebooks/fid_vs_gflops.ipynb` uses the same functions.
+"""
+
+from ditlab.report.build import ReportConfig, main, run_report, write_report
+from ditlab.report.figures import DPI, FIGSIZE, plot_fid_vs_compute, plot_fid_vs_gflops
+from ditlab.report.records import (
+    RECORD_FILE,
+    PointResult,
+    RunResult,
+    Spread,
+    group_points,
+    load_records,
+    load_wandb_records,
+    parse_record,
+    wandb_document,
+)
+from ditlab.report.tables import block_markdown, block_rows, runs_markdown, table4_markdown, table4_rows
+from ditlab.report.wandb_report import log_to_wandb
+
+__all__ = [
+    "DPI",
+    "FIGSIZE",
+    "RECORD_FILE",
+    "PointResult",
+    "ReportConfig",
+    "RunResult",
+    "Spread",
+    "block_markdown",
+    "block_rows",
+    "group_points",
+    "load_records",
+    "load_wandb_records",
+    "log_to_wandb",
+    "main",
+    "parse_record",
+    "plot_fid_vs_compute",
+    "plot_fid_vs_gflops",
+    "run_report",
+    "runs_markdown",
+    "table4_markdown",
+    "table4_rows",
+    "wandb_document",
+    "write_report",
+]

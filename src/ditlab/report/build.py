@@ -1,0 +1,119 @@
+"""Writes a sweep's report folder, and the command line `src/report.py`."""
+
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from matplotlib.figure import Figure
+from omegaconf import DictConfig, OmegaConf
+
+from ditlab.cli import run_cli
+from ditlab.report.figures import plot_fid_vs_compute, plot_fid_vs_gflops
+from ditlab.report.records import RunResult, load_records, load_wandb_records
+from ditlab.report.tables import (
+    block_markdown,
+    block_rows,
+    runs_markdown,
+    table4_markdown,
+    table4_rows,
+    to_csv,
+)
+
+
+def _write_atomic(path: Path, write: Any) -> Path:
+    """`write(file)` into a temporary file beside `path`, then rename it over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _write_text(path: Path, text: str) -> Path:
+    return _write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def _write_png(path: Path, fig: Figure) -> Path:
+    return _write_atomic(path, lambda f: fig.savefig(f, format="png"))
+
+
+def write_report(records: Sequence[RunResult], out: str | Path) -> dict[str, Path]:
+    """Writes the tables and figures (see `ditlab.report`) into `out`; returns them by name. A figure
+    that has nothing to show (no FID yet) is left out, and said so."""
+    if not records:
+        raise ValueError("no run records to report")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {
+        "table4.md": _write_text(out / "table4.md", table4_markdown(records)),
+        "table4.csv": _write_text(out / "table4.csv", to_csv(table4_rows(records))),
+        "runs.md": _write_text(out / "runs.md", runs_markdown(records)),
+    }
+    if len({r.block for r in records}) > 1:
+        written["blocks.md"] = _write_text(out / "blocks.md", block_markdown(records))
+        written["blocks.csv"] = _write_text(out / "blocks.csv", to_csv(block_rows(records)))
+    if any(r.fid is not None for r in records):
+        written["fid_vs_gflops.png"] = _write_png(out / "fid_vs_gflops.png", plot_fid_vs_gflops(records))
+    else:
+        print("[ditlab] no run has an FID yet: fid_vs_gflops.png left out")
+    if any(r.fid_history for r in records):
+        written["fid_vs_compute.png"] = _write_png(out / "fid_vs_compute.png", plot_fid_vs_compute(records))
+    else:
+        print("[ditlab] no run has an FID history: fid_vs_compute.png left out")
+    return written
+
+
+@dataclass
+class ReportConfig:
+    runs: Any = None  # sweep folder(s), searched recursively: runs=multirun/<time> or runs=[a,b]
+    wandb: str | None = None  # entity/project: read the runs from W&B instead (network)
+    wandb_group: str | None = None  # with wandb=: one sweep (its group is the multirun folder's name)
+    out: str | None = None  # the report folder; default reports/<time>
+    log_wandb: bool = False  # also log a report run (tables, scatter, figures) to W&B; offline without login
+
+
+def run_report(args: DictConfig) -> dict[str, Path]:
+    """The body of `src/report.py`: `args` are its key=value arguments (see `ReportConfig`)."""
+    cfg: ReportConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ReportConfig), args))
+    if (cfg.runs is None) == (cfg.wandb is None):
+        raise ValueError(
+            "give either runs=<sweep folder> (e.g. runs=multirun/2026-01-31_12-00-00) or "
+            "wandb=<entity/project> [wandb_group=<sweep>], not both"
+        )
+    if cfg.runs is not None:
+        runs = [str(r) for r in cfg.runs] if isinstance(cfg.runs, list) else str(cfg.runs).split(",")
+        records = load_records(runs)
+        group = cfg.wandb_group or (Path(runs[0]).name if len(runs) == 1 else None)
+    else:
+        records = load_wandb_records(cfg.wandb, cfg.wandb_group)
+        group = cfg.wandb_group
+    out = Path(cfg.out or f"reports/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
+    written = write_report(records, out)
+    print(f"[ditlab] {len(records)} runs; report in {out}:")
+    for name in written:
+        print(f"  {name}")
+    print(block_markdown(records) if "blocks.md" in written else table4_markdown(records))
+    if cfg.log_wandb:
+        from ditlab.report.wandb_report import log_to_wandb
+
+        log_to_wandb(records, written, group=group)
+    return written
+
+
+def main(argv: list[str]) -> None:
+    """`src/report.py key=value ...`: bad arguments end with one line and exit status 2."""
+    try:
+        args = OmegaConf.from_cli(argv)
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or error  # the YAML parser's one-line reason
+        print(f"error: cannot parse the arguments {argv}: {problem}", file=sys.stderr)
+        sys.exit(2)
+    run_cli(run_report, args)

@@ -1,0 +1,162 @@
+"""The paper's tables from run records: Table 4 (size × patch) and the conditioning-block comparison.
+
+FIDs are means over a point's seeds; with more than one seed the markdown shows the range over seeds
+and the CSV the per-seed minimum, maximum and count.
+"""
+
+import csv
+import io
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from ditlab.report.records import BLOCK_NAMES, PointResult, RunResult, Spread, group_points
+
+
+def _spread_fields(spread: Spread | None, suffix: str = "") -> dict[str, Any]:
+    if spread is None:
+        return {
+            f"fid{suffix}": None,
+            f"fid_min{suffix}": None,
+            f"fid_max{suffix}": None,
+            f"seeds{suffix}": None,
+        }
+    return {
+        f"fid{suffix}": spread.mean,
+        f"fid_min{suffix}": spread.low,
+        f"fid_max{suffix}": spread.high,
+        f"seeds{suffix}": spread.n,
+    }
+
+
+def table4_rows(records: Iterable[RunResult]) -> list[dict[str, Any]]:
+    """Table 4: one row per (block, model size); per patch size (coarse to fine) the FID (mean over seeds)
+    `fid_p8`, its range `fid_min_p8`/`fid_max_p8` and seed count `seeds_p8`, then `gflops_p8` and
+    `params_m_p8`, .... A point that was not run, or has no FID yet, is None."""
+    points = group_points(records)
+    patches = sorted({p.patch for p in points}, reverse=True)
+    fields = ("fid", "fid_min", "fid_max", "seeds", "gflops", "params_m")
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for p in points:
+        row = rows.setdefault(
+            (p.block, p.model),
+            {"block": p.block, "model": p.model}
+            | {f"{f}_p{patch}": None for f in fields for patch in patches},
+        )
+        row |= _spread_fields(p.fid, f"_p{p.patch}")
+        row[f"gflops_p{p.patch}"] = p.gflops
+        row[f"params_m_p{p.patch}"] = p.params_m
+    return list(rows.values())
+
+
+def block_rows(records: Iterable[RunResult]) -> list[dict[str, Any]]:
+    """The conditioning-block comparison: one row per point, blocks in the paper's order."""
+    return [
+        {"block": p.block, "model": p.model, "patch": p.patch, "gflops": p.gflops, "params_m": p.params_m}
+        | _spread_fields(p.fid)
+        for p in group_points(records)
+    ]
+
+
+def _fmt(value: Any, digits: int) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def fid_cell(spread: Spread | None) -> str:
+    """`mean` for one seed; `mean (min–max)` over several."""
+    if spread is None:
+        return "—"
+    if spread.n == 1:
+        return f"{spread.mean:.2f}"
+    return f"{spread.mean:.2f} ({spread.low:.2f}–{spread.high:.2f})"
+
+
+def _markdown(header: list[str], lines: list[list[str]]) -> str:
+    rows = [header, ["---" if i == 0 else "---:" for i in range(len(header))], *lines]
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows) + "\n"
+
+
+def fid_caption(records: Sequence[RunResult]) -> str:
+    """What the FIDs are: how many samples, which feature network, which data, which training steps, seeds."""
+    parts = []
+    for name, values in (
+        ("data", {r.data for r in records}),
+        ("FID samples", {r.fid_num_samples for r in records}),
+        ("feature network", {r.feature_network for r in records}),
+        ("training steps", {r.step for r in records}),
+        ("seeds", {r.seed for r in records}),
+    ):
+        values.discard(None)
+        if values:
+            parts.append(f"{name}: {', '.join(map(str, sorted(values)))}")
+    seeds = {len(p.runs) for p in group_points(records)}
+    if max(seeds) > 1:
+        parts.append("FID: mean over seeds (min–max)")
+    return "; ".join(parts)
+
+
+def table4_markdown(records: Sequence[RunResult]) -> str:
+    """Table 4 in markdown: a section per conditioning block; params as the range over patch sizes
+    (they differ by the patch embedding and the final layer only)."""
+    points = group_points(records)
+    patches = sorted({p.patch for p in points}, reverse=True)
+    header = ["model", *[f"FID /{p}" for p in patches], *[f"Gflops /{p}" for p in patches], "params (M)"]
+    text = []
+    for block in dict.fromkeys(p.block for p in points):
+        lines = []
+        for model in dict.fromkeys(p.model for p in points if p.block == block):
+            at: dict[int, PointResult] = {p.patch: p for p in points if (p.block, p.model) == (block, model)}
+            params = sorted(p.params_m for p in at.values())
+            low, high = f"{params[0]:.1f}", f"{params[-1]:.1f}"
+            lines.append(
+                [model]
+                + [fid_cell(at[p].fid) if p in at else "—" for p in patches]
+                + [_fmt(at[p].gflops, 2) if p in at else "—" for p in patches]
+                + [low if low == high else f"{low}–{high}"]
+            )
+        text.append(f"### {BLOCK_NAMES.get(block, block)}\n\n{_markdown(header, lines)}")
+    caption = fid_caption(records)
+    return "\n".join(text) + (f"\n{caption}\n" if caption else "")
+
+
+def block_markdown(records: Sequence[RunResult]) -> str:
+    """The block comparison in markdown (the paper's conditioning ablation)."""
+    header = ["block", "model", "Gflops", "params (M)", "FID", "seeds"]
+    lines = [
+        [
+            BLOCK_NAMES.get(p.block, p.block),
+            p.label,
+            _fmt(p.gflops, 2),
+            _fmt(p.params_m, 1),
+            fid_cell(p.fid),
+            str(len(p.runs)),
+        ]
+        for p in group_points(records)
+    ]
+    return _markdown(header, lines)
+
+
+def runs_markdown(records: Sequence[RunResult]) -> str:
+    """Every run: its point, seed, steps and FID history (step: FID)."""
+    header = ["run", "seed", "Gflops", "steps", "FID", "FID along the run (step: FID)"]
+    lines = [
+        [
+            f"{BLOCK_NAMES.get(r.block, r.block)} {r.label}",
+            _fmt(r.seed, 0),
+            _fmt(r.gflops, 3),
+            _fmt(r.step, 0),
+            _fmt(r.fid, 2),
+            ", ".join(f"{p.get('step')}: {p['fid']:.2f}" for p in r.fid_history) or "—",
+        ]
+        for r in records
+    ]
+    return _markdown(header, lines)
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)  # None is written as an empty cell
+    return buffer.getvalue()
