@@ -54,7 +54,7 @@ def main() -> None:
     modes = {"whole-batch": lambda x: whole_batch(net, x), "features": net.forward}
     seconds: dict[str, list[float]] = {name: [] for name in modes}
     features: dict[str, torch.Tensor] = {}
-    for name, run in modes.items():  # warm-up: allocations, oneDNN kernel selection
+    for run in modes.values():  # warm-up: allocations, oneDNN kernel selection
         run(images[: args.batch])
     for round_ in range(args.repeats):
         order = list(modes) if round_ % 2 == 0 else list(reversed(modes))

@@ -1,6 +1,7 @@
 """The sweep report (tables and figures from run records) and the campaign presets (sweep expansion)."""
 
 import csv
+import itertools
 import json
 import os
 import random
@@ -286,7 +287,7 @@ def test_log_axis_labels_do_not_overlap(tmp_path):
         (t.get_window_extent() for t in labels if lo <= t.get_position()[0] <= hi), key=lambda b: b.x0
     )
     assert len(boxes) >= 3  # 0.02, 0.05, 0.1, 0.2, ... are labelled
-    assert all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:], strict=False)), [t.get_text() for t in labels]
+    assert all(a.x1 < b.x0 for a, b in itertools.pairwise(boxes)), [t.get_text() for t in labels]
 
 
 def test_missing_or_empty_folders_and_bad_records_fail_clearly(tmp_path):
