@@ -6,6 +6,7 @@ samples barely moves between recipes that a reader tells apart at a glance (foot
 
     python experiments/class_accuracy.py outputs/<run>/<time>/checkpoints/last.ckpt [more.ckpt ...] \
         [--per-class 50] [--cfg-scale 4] [--sampler ddim] [--steps 50] [--json out.json] [--grid folder]
+    python experiments/class_accuracy.py --samples <run>/samples/fid_step0001000.npz [...] --json out.json
 
 Prints both scores per checkpoint (one column per class) and writes them as JSON.
 """
@@ -16,6 +17,7 @@ import os
 import platform
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -101,30 +103,58 @@ def frechet_distance(a: Tensor, b: Tensor) -> float:
 
 
 @torch.no_grad()
+def score_images(
+    net: nn.Module, real: tuple[Tensor, Tensor], x: Tensor, labels: Tensor
+) -> tuple[list[float], list[float]]:
+    """Per class c, for the images x (N, 1, H, W) in [-1, 1] drawn for class c (labels (N,)): the share the
+    classifier labels c, and the Fréchet distance of their classifier features (the 128-d pooled layer)
+    to those of the real test images of class c (NaN for a class with fewer than 2 images)."""
+    features, head = net[:-1], net[-1]
+    fake_features, real_features = features(x), features(real[0])
+    predicted = head(fake_features).argmax(1)
+    accuracy, distance = [], []
+    for c in range(10):
+        mine = labels == c
+        accuracy.append((predicted[mine] == c).float().mean().item() if mine.any() else float("nan"))
+        enough = int(mine.sum()) >= 2
+        distance.append(
+            frechet_distance(fake_features[mine], real_features[real[1] == c]) if enough else float("nan")
+        )
+    return accuracy, distance
+
+
+@torch.no_grad()
 def class_scores(
     net: nn.Module, real: tuple[Tensor, Tensor], checkpoint: str, *,
     per_class: int, cfg_scale: float, sampler: str, steps: int, seed: int,
 ) -> tuple[list[float], list[float], Tensor]:  # fmt: skip
-    """Per class c, for `per_class` guided samples of class c: the share the classifier labels c, and the
-    Fréchet distance of their classifier features (the 128-d pooled layer) to those of the real test
-    images of class c. Also the samples, (N, 1, H, W) in [-1, 1]."""
+    """`score_images` of `per_class` guided samples per class of a checkpoint; also the samples,
+    (N, 1, H, W) in [-1, 1]."""
     sample = ImageSampler(load_dit(checkpoint), cfg_scale=cfg_scale, sampler=sampler, steps=steps, seed=seed)
     labels = torch.arange(10).repeat_interleave(per_class)
     images, _ = sample(range(len(labels)), labels)  # (N, H, W, 3) uint8
     x = images[..., :1].permute(0, 3, 1, 2).float() / 127.5 - 1
-    features, head = net[:-1], net[-1]
-    fake_features, real_features = features(x), features(real[0])
-    predicted = head(fake_features).argmax(1)
-    accuracy = [(predicted[labels == c] == c).float().mean().item() for c in range(10)]
-    distance = [frechet_distance(fake_features[labels == c], real_features[real[1] == c]) for c in range(10)]
-    return accuracy, distance, x
+    return *score_images(net, real, x, labels), x
+
+
+def saved_samples(path: str | Path) -> tuple[Tensor, Tensor]:
+    """Images (N, 1, H, W) in [-1, 1] and labels (N,) of an `.npz` written by `src/sample.py` or by the
+    FID callback (`callbacks.fid.save_samples=true`): `arr_0` (N, H, W, 3) uint8, `arr_1` labels."""
+    with np.load(path, allow_pickle=False) as f:
+        if "arr_1" not in f:
+            raise SystemExit(f"{path} has no labels (arr_1): it is not a ditlab samples file")
+        images, labels = torch.from_numpy(f["arr_0"]), torch.from_numpy(f["arr_1"]).long()
+    return images[..., :1].permute(0, 3, 1, 2).float() / 127.5 - 1, labels
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("checkpoints", nargs="+")
+    parser.add_argument("checkpoints", nargs="+", help="checkpoints, or with --samples .npz sample files")
+    parser.add_argument(
+        "--samples", action="store_true", help="score saved samples (.npz with labels) instead of sampling"
+    )
     parser.add_argument("--per-class", type=int, default=50)
     parser.add_argument("--cfg-scale", type=float, default=4.0)
     parser.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"))
@@ -140,13 +170,17 @@ def main() -> None:
     header = f"{'':44s} " + " ".join(f"{s:>7s}" for s in short) + "    mean"
     rows = []
     for checkpoint in args.checkpoints:
-        accuracy, distance, images = class_scores(
-            net, real, checkpoint, per_class=args.per_class, cfg_scale=args.cfg_scale,
-            sampler=args.sampler, steps=args.steps, seed=args.seed,
-        )  # fmt: skip
+        if args.samples:
+            images, labels = saved_samples(checkpoint)
+            accuracy, distance = score_images(net, real, images, labels)
+        else:
+            accuracy, distance, images = class_scores(
+                net, real, checkpoint, per_class=args.per_class, cfg_scale=args.cfg_scale,
+                sampler=args.sampler, steps=args.steps, seed=args.seed,
+            )  # fmt: skip
         print(header)
         for name, values, fmt in (("accuracy", accuracy, "7.2f"), ("class FD", distance, "7.1f")):
-            mean = sum(values) / len(values)
+            mean = float(np.nanmean(values))
             print(
                 f"{name + ' ' + checkpoint[-34:]:44s} "
                 + " ".join(format(v, fmt) for v in values)
@@ -159,15 +193,17 @@ def main() -> None:
             "checkpoint": checkpoint,
             "class_accuracy": dict(zip(CLASS_NAMES, accuracy, strict=True)),
             "class_fd": dict(zip(CLASS_NAMES, distance, strict=True)),
-            "mean_accuracy": sum(accuracy) / 10,
-            "mean_class_fd": sum(distance) / 10,
+            "mean_accuracy": float(np.nanmean(accuracy)),
+            "mean_class_fd": float(np.nanmean(distance)),
         })  # fmt: skip
     if args.json:
         result = {
             "machine": platform.processor() or platform.machine(),
             "classifier_test_accuracy": test_accuracy,
-            "sampling": {"per_class": args.per_class, "cfg_scale": args.cfg_scale, "sampler": args.sampler,
-                         "steps": args.steps, "seed": args.seed},
+            "sampling": "saved samples" if args.samples else {
+                "per_class": args.per_class, "cfg_scale": args.cfg_scale, "sampler": args.sampler,
+                "steps": args.steps, "seed": args.seed,
+            },
             "runs": rows,
         }  # fmt: skip
         args.json.write_text(json.dumps(result, indent=2) + "\n")

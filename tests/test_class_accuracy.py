@@ -69,3 +69,16 @@ def test_scores_of_a_sampler_that_returns_real_images(monkeypatch):
     monkeypatch.setattr(class_accuracy, "ImageSampler", sampler_drawing_class_plus(5))
     accuracy, shifted, _ = class_accuracy.class_scores(net, (real_x, real_y), "ckpt", **options)
     assert accuracy == [0.0] * 10 and min(shifted) > 1000
+
+
+def test_saved_samples_are_read_back_with_their_labels(tmp_path):
+    """The FID callback's / sample.py's .npz layout: arr_0 (N, H, W, 3) uint8, arr_1 labels."""
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 1), dtype=np.uint8).repeat(3, axis=-1)
+    labels = np.array([3, 1, 4, 1, 5, 9])
+    np.savez(tmp_path / "s.npz", pixels, labels)
+    x, y = class_accuracy.saved_samples(tmp_path / "s.npz")
+    assert x.shape == (6, 1, 32, 32) and y.tolist() == labels.tolist()
+    assert torch.equal(((x + 1) * 127.5).round().to(torch.uint8)[:, 0], torch.from_numpy(pixels[..., 0]))
+    np.savez(tmp_path / "no_labels.npz", pixels)
+    with pytest.raises(SystemExit, match="no labels"):
+        class_accuracy.saved_samples(tmp_path / "no_labels.npz")
