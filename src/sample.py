@@ -13,6 +13,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from ditlab.cli import run_cli
 from ditlab.interop.checkpoints import describe, load_dit
 from ditlab.interop.sampling import generate
 
@@ -28,8 +29,7 @@ def guidance_channels(value: int | str, recommended: int | None) -> int | None:
     raise ValueError(f"guidance_channels must be auto, all or an integer, got {value!r}")
 
 
-@hydra.main(config_path="../conf", config_name="sample", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def sample(cfg: DictConfig) -> None:
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))  # the device index on this node, never the global rank
     if cfg.device == "auto":
@@ -61,6 +61,11 @@ def main(cfg: DictConfig) -> None:
     )  # fmt: skip
     for kind, path in written.items():
         print(f"{kind}: {path}")
+
+
+@hydra.main(config_path="../conf", config_name="sample", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run_cli(sample, cfg)
 
 
 if __name__ == "__main__":

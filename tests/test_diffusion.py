@@ -224,6 +224,37 @@ def test_fixed_variance_mse_loss():
     torch.testing.assert_close(losses["loss"], torch.full((2,), 0.25, dtype=F64))
 
 
+@pytest.mark.parametrize("respacing", [None, "250", "ddim50"])
+@pytest.mark.parametrize("kind", ["large", "small"])
+def test_fixed_variances_equal_the_reference_formulas(kind, respacing):
+    """ADM's FIXED_LARGE (the reference's default, sigma_small=False) and FIXED_SMALL, re-derived in
+    float64 from the (respaced) betas: large = [β̃_1, β_1, β_2, ...] (0-based), small = β̃_t with its log
+    clipped at t = 0 to log β̃_1."""
+    gd = create_diffusion(respacing, learn_sigma=False, fixed_variance=kind)
+    betas = [float(b) for b in gd.betas]
+    alpha_bar, prod = [], 1.0
+    for b in betas:
+        prod *= 1 - b
+        alpha_bar.append(prod)
+    prev = [1.0, *alpha_bar[:-1]]
+    posterior = [b * (1 - p) / (1 - a) for b, p, a in zip(betas, prev, alpha_bar, strict=True)]
+    if kind == "large":
+        variance = [posterior[1], *betas[1:]]
+        log_variance = [math.log(v) for v in variance]
+    else:
+        variance = posterior
+        log_variance = [math.log(posterior[1]), *(math.log(v) for v in posterior[1:])]
+    T = gd.num_timesteps
+    t = torch.tensor([0, 1, T // 2, T - 1])
+    x = torch.zeros(4, 1, 2, 2, dtype=F64)
+    out = gd.p_mean_variance(torch.zeros_like(x), x, t, clip_denoised=False)
+    for i, step in enumerate(t.tolist()):
+        assert out["variance"][i].unique().item() == pytest.approx(variance[step], rel=1e-12)
+        assert out["log_variance"][i].unique().item() == pytest.approx(log_variance[step], rel=1e-12)
+    with pytest.raises(ValueError, match="fixed_variance"):
+        create_diffusion(learn_sigma=False, fixed_variance="medium")
+
+
 def test_bad_configuration_and_inputs_raise(diffusion):
     with pytest.raises(ValueError, match="learn_sigma"):
         GaussianDiffusion(diffusion.betas, learn_sigma=False, loss="hybrid")

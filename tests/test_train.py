@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from ditlab.diffusion import create_diffusion
 from ditlab.models import build_dit
-from ditlab.training.callbacks import AtomicCheckpointIO
+from ditlab.training.checkpoint_io import AtomicCheckpointIO
 from ditlab.training.module import DiTModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,13 +26,8 @@ needs_fashion_mnist = pytest.mark.skipif(
     not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="apt-get install dataset-fashion-mnist"
 )
 
-# A tiny, fast point: 2-layer model, 256 training images, short sampling.
-TINY = [
-    "model=DiT-Ti", "patch=8", "+net.depth=2",
-    "data.limit_train_samples=256", "optim.global_batch_size=16", "optim.warmup_steps=0",
-    "trainer.log_every_n_steps=1", "callbacks.sample_grid.steps=2", "callbacks.sample_grid.per_class=1",
-    "callbacks.sample_grid.max_classes=3", "callbacks.sample_grid.every_n_steps=0", "~callbacks.fid",
-]  # fmt: skip
+# A tiny, fast point (conf/debug/tiny.yaml: 2 blocks at patch 8, 256 images, 2-step grids), without FID.
+TINY = ["debug=tiny", "~callbacks.fid"]
 
 
 def run_train(tmp_path: Path, *overrides: str, env: dict | None = None, check: bool = True):
@@ -50,9 +45,14 @@ def run_train(tmp_path: Path, *overrides: str, env: dict | None = None, check: b
 
 
 def logged_losses(run_dir: Path) -> dict[int, float]:
-    with open(next(run_dir.glob("csv/version_*/metrics.csv"))) as f:
-        rows = list(csv.DictReader(f))
-    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+    """step -> loss over every CSV log of the run folder (a run resumed in place adds a version)."""
+    losses = {}
+    for path in sorted(run_dir.glob("csv/version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:])):
+        with open(path) as f:
+            losses |= {
+                int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")
+            }
+    return losses
 
 
 def option_names(group: str) -> list[str]:
@@ -118,17 +118,11 @@ def test_train_writes_checkpoint_samples_and_model_info(tmp_path):
 
 @needs_fashion_mnist
 def test_resume_reproduces_the_loss_curve(tmp_path):
-    common = [*TINY, "logger=csv", "callbacks.model_checkpoint.every_n_train_steps=3"]
+    common = [*TINY, "logger=csv", "callbacks.checkpointing.every_n_steps=3"]
     full, first = tmp_path / "full", tmp_path / "first"
     full.mkdir(), first.mkdir()
     run_train(full, *common, "trainer.max_steps=6", f"hydra.run.dir={full}")
-    run_train(
-        first,
-        *common,
-        "trainer.max_steps=6",
-        f"hydra.run.dir={first}",
-        "callbacks.model_checkpoint.save_last=false",
-    )
+    run_train(first, *common, "trainer.max_steps=6", f"hydra.run.dir={first}")
     step3 = first / "checkpoints" / "step_0000003.ckpt"
     assert step3.is_file()
     resumed = tmp_path / "resumed"
@@ -147,7 +141,7 @@ def test_resume_reproduces_the_loss_curve(tmp_path):
 @needs_fashion_mnist
 def test_patch_sweep_gives_one_run_per_point(tmp_path):
     proc = run_train(
-        tmp_path, "-m", "patch=2,4,8", *[o for o in TINY if not o.startswith("patch")], "trainer.max_steps=1",
+        tmp_path, "-m", "patch=2,4,8", *TINY, "trainer.max_steps=1",
         f"hydra.sweep.dir={tmp_path}/sweep", "logger=wandb",
         env={"WANDB_MODE": "offline", "HOME": str(tmp_path), "WANDB_API_KEY": ""},
     )  # fmt: skip
@@ -193,7 +187,7 @@ def test_resuming_with_another_model_is_refused_clearly(tmp_path):
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     args = [sys.executable, str(ROOT / "src" / "train.py"), *TINY, "trainer.max_steps=100000", "logger=none",
-            "callbacks.model_checkpoint.every_n_train_steps=100000", f"hydra.run.dir={tmp_path}"]  # fmt: skip
+            "callbacks.checkpointing.every_n_steps=100000", f"hydra.run.dir={tmp_path}"]  # fmt: skip
     proc = subprocess.Popen(
         args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -286,7 +280,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
 def test_multirun_with_two_process_ddp_gives_exactly_two_runs(tmp_path):
     sweep = tmp_path / "sweep"
     run_train(
-        tmp_path, "-m", "patch=4,8", *[o for o in TINY if not o.startswith("patch")], "trainer=ddp_cpu",
+        tmp_path, "-m", "patch=4,8", *TINY, "trainer=ddp_cpu",
         "trainer.max_steps=1", "logger=csv", f"hydra.sweep.dir={sweep}",
     )  # fmt: skip
     runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
@@ -302,8 +296,7 @@ def test_multirun_with_two_process_ddp_gives_exactly_two_runs(tmp_path):
 def test_fid_is_logged_and_recorded_for_the_report(tmp_path):
     fid = ["callbacks.fid.num_samples=20", "callbacks.fid.num_reference_images=30", "callbacks.fid.steps=2",
            "callbacks.fid.batch_size=10", "callbacks.fid.every_n_steps=1", f"callbacks.fid.cache_dir={tmp_path}/cache"]  # fmt: skip
-    tiny = [o for o in TINY if o != "~callbacks.fid"]
-    proc = run_train(tmp_path, *tiny, *fid, "trainer.max_steps=2", "logger=csv")
+    proc = run_train(tmp_path, "debug=tiny", *fid, "trainer.max_steps=2", "logger=csv")
     record = json.loads((tmp_path / "results.json").read_text())
     assert record["coordinates"] == {"block": "adaln_zero", "model": "DiT-Ti", "patch": 8}
     assert [p["step"] for p in record["fid_history"]] == [1, 2]
@@ -323,9 +316,8 @@ def test_sigterm_during_the_final_fid_skips_it_and_exits_cleanly(tmp_path):
     """Pre-emption must not wait for an FID: 100K samples would take hours here; the run ends at once."""
     fid = ["callbacks.fid.num_samples=100000", "callbacks.fid.num_reference_images=20", "callbacks.fid.steps=2",
            "callbacks.fid.batch_size=10", f"callbacks.fid.cache_dir={tmp_path}/cache"]  # fmt: skip
-    tiny = [o for o in TINY if o != "~callbacks.fid"]
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    args = [sys.executable, str(ROOT / "src" / "train.py"), *tiny, *fid, "trainer.max_steps=2", "logger=none",
+    args = [sys.executable, str(ROOT / "src" / "train.py"), "debug=tiny", *fid, "trainer.max_steps=2", "logger=none",
             f"hydra.run.dir={tmp_path}"]  # fmt: skip
     proc = subprocess.Popen(
         args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -347,8 +339,8 @@ def test_sigterm_during_the_final_fid_skips_it_and_exits_cleanly(tmp_path):
 def test_init_from_starts_model_and_ema_from_the_checkpoint_weights(tmp_path):
     run_train(tmp_path / "a", *TINY, "trainer.max_steps=2", "logger=none", f"hydra.run.dir={tmp_path}/a")
     source = model_weights(tmp_path / "a")
-    # lr 0: the step leaves the weights where init_from put them (the source's EMA weights by default).
-    run_train(tmp_path / "b", *TINY, "trainer.max_steps=1", "logger=none", "optim.lr=0.0", "seed=7",
+    # lr 1e-30: the step leaves the weights where init_from put them (the source's EMA weights by default).
+    run_train(tmp_path / "b", *TINY, "trainer.max_steps=1", "logger=none", "optim.lr=1e-30", "seed=7",
               f"init_from={tmp_path}/a/checkpoints/last.ckpt", f"hydra.run.dir={tmp_path}/b")  # fmt: skip
     started = model_weights(tmp_path / "b")
     for key, value in source.items():

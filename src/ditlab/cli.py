@@ -1,21 +1,39 @@
-"""What the entry points share: bad configurations end with one clear line, not a traceback."""
+"""What the entry points share: bad input ends with one clear line and exit status 2, not a traceback."""
 
 import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
-from omegaconf import DictConfig
+from hydra.errors import InstantiationException
 from omegaconf.errors import OmegaConfBaseException
 
+HANDLED = (ValueError, OSError, OmegaConfBaseException)
 
-def run_cli(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
-    """Runs `fn(cfg)`; a ValueError/FileNotFoundError (our validation) or a config error exits with
-    status 2 and its message. HYDRA_FULL_ERROR=1 shows the traceback."""
+
+def error_line(error: BaseException) -> str:
+    """The one line a user sees for `error`."""
+    if isinstance(error, OSError) and not isinstance(error, FileNotFoundError) and error.strerror:
+        where = f" {error.filename}" if error.filename else ""
+        return f"{error.strerror}:{where} (check the path, its permissions and the free space)"
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if lines[0].startswith("Caught ") and len(lines) > 1:  # re-raised from a DataLoader worker: its last line
+        return lines[-1].split(": ", 1)[-1]
+    return lines[0]
+
+
+def run_cli(fn: Callable[..., Any], *args: Any) -> Any:
+    """Runs `fn(*args)` for an entry point (`src/*.py`, `python -m ditlab.interop.export`). Our validation
+    (ValueError, FileNotFoundError), a config error, or a file-system error (permissions, a full disk)
+    exits with status 2 and one line. HYDRA_FULL_ERROR=1 shows the traceback instead."""
     try:
-        return fn(cfg)
-    except (ValueError, FileNotFoundError, OmegaConfBaseException) as error:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return fn(*args)
+    except (*HANDLED, InstantiationException) as error:
+        # Hydra's instantiate wraps what a constructor raised (our validation of a callback's values).
+        cause = error.__cause__ if isinstance(error, InstantiationException) else error
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not isinstance(cause, HANDLED):
             raise
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error_line(cause)}", file=sys.stderr)
         sys.exit(2)

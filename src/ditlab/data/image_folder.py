@@ -53,6 +53,40 @@ class MirroredImages(Dataset):
         return (x.flip(-1) if index >= n else x), y
 
 
+class ReadableImages(Dataset):
+    """A torchvision `ImageFolder` whose unreadable files (corrupt, truncated, not an image) raise a
+    ValueError naming the file, or, with `skip_corrupt`, are replaced by the next readable image (so
+    that batches keep their size and every rank sees the same data) and reported, one line each, with
+    the count so far in this process."""
+
+    def __init__(self, folder: Dataset, skip_corrupt: bool = False):
+        self.folder = folder
+        self.skip_corrupt = skip_corrupt
+        self.skipped: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        for attempt in range(len(self.folder)):
+            i = (index + attempt) % len(self.folder)
+            try:
+                return self.folder[i]
+            except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for bad files
+                path = self.folder.samples[i][0]
+                if not self.skip_corrupt:
+                    raise ValueError(
+                        f"cannot read image {path} ({err}); remove or replace it, or set "
+                        "data.skip_corrupt_images=true to skip unreadable images"
+                    ) from None
+                if path not in self.skipped:
+                    self.skipped.add(path)
+                    print(
+                        f"[ditlab] skipped unreadable image {path} ({len(self.skipped)} so far)", flush=True
+                    )
+        raise ValueError(f"no image of {len(self.folder)} in the folder can be read")
+
+
 def _check_folder(root: Path) -> None:
     if not root.is_dir():
         raise FileNotFoundError(
@@ -63,7 +97,8 @@ def _check_folder(root: Path) -> None:
 class ImageFolderDataModule(ImageDataModule):
     """Class-conditional images from `root/<class_name>/*.jpg` (classes sorted by name), any resolution.
 
-    Validation comes from `val_root` in the same layout and with the same classes, or is absent.
+    Validation comes from `val_root` in the same layout and with the same classes, or is absent. An
+    unreadable image stops the run with its file named, or is skipped with `skip_corrupt_images`.
     Batches: x float32 (B, 3, image_size, image_size) in [-1, 1], y int64 (B,).
     """
 
@@ -78,6 +113,7 @@ class ImageFolderDataModule(ImageDataModule):
         num_workers: int = 4,
         pin_memory: bool = True,
         limit_train_samples: int | None = None,
+        skip_corrupt_images: bool = False,
     ):
         super().__init__(
             batch_size=batch_size,
@@ -92,6 +128,7 @@ class ImageFolderDataModule(ImageDataModule):
         self.val_root = None if val_root is None else Path(val_root)
         self._image_size = image_size
         self._class_names: list[str] | None = None
+        self.skip_corrupt_images = skip_corrupt_images
 
     @property
     def class_names(self) -> list[str]:
@@ -141,4 +178,4 @@ class ImageFolderDataModule(ImageDataModule):
                 f"the class folders of {root} ({len(dataset.classes)}) differ from those of {self.root} "
                 f"({self.num_classes}); both splits must have the same classes"
             )
-        return MirroredImages(dataset, random_flip)
+        return MirroredImages(ReadableImages(dataset, self.skip_corrupt_images), random_flip)

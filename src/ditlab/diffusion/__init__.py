@@ -26,12 +26,16 @@ def create_diffusion(
     noise_schedule: str = "linear",
     learn_sigma: bool = True,
     diffusion_steps: int = 1000,
+    fixed_variance: str = "large",
 ) -> GaussianDiffusion:
     """The paper's diffusion: `diffusion_steps` ε-prediction steps of `noise_schedule`, learned-range
-    variance with the hybrid loss (fixed small variance with L_simple when learn_sigma is False),
+    variance with the hybrid loss (with L_simple and the fixed `fixed_variance`, "large" as the reference
+    or "small", when learn_sigma is False),
     respaced to `timestep_respacing` (e.g. "250" or "ddim50") when given: train with None, sample
     with "250"."""
-    diffusion = GaussianDiffusion(make_betas(noise_schedule, diffusion_steps), learn_sigma=learn_sigma)
+    diffusion = GaussianDiffusion(
+        make_betas(noise_schedule, diffusion_steps), learn_sigma=learn_sigma, fixed_variance=fixed_variance
+    )
     if timestep_respacing in (None, ""):
         return diffusion
     return diffusion.respace(timestep_respacing)

@@ -19,6 +19,7 @@ from ditlab.diffusion.schedules import space_timesteps
 ModelFn = Callable[..., Tensor]
 PREDICTIONS = ("epsilon", "x0", "v")
 LOSSES = ("hybrid", "mse")
+FIXED_VARIANCES = ("large", "small")
 
 
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
@@ -59,8 +60,11 @@ class GaussianDiffusion(nn.Module):
 
     Args:
         betas: β_1..β_T, shape (T,), in (0, 1]; kept in float64.
-        learn_sigma: the model also outputs v for the "learned range" variance; else the fixed "small"
-            posterior variance β̃_t is used.
+        learn_sigma: the model also outputs v for the "learned range" variance; else the variance is
+            fixed, by `fixed_variance`.
+        fixed_variance: without learn_sigma, "large" (the reference's default, its `sigma_small=False`):
+            β_t, with β_1 replaced by β̃_2 at the first step (so that log-variance is finite there, as ADM's
+            FIXED_LARGE); or "small": the posterior variance β̃_t (clipped at t = 1 the same way).
         predict: what the first C output channels predict: "epsilon" (the paper), "x0" or "v".
         loss: "hybrid" (L_simple + L_vlb, needs learn_sigma) or "mse" (L_simple, fixed variance);
             None picks the one that matches learn_sigma.
@@ -78,6 +82,7 @@ class GaussianDiffusion(nn.Module):
         learn_sigma: bool = True,
         predict: str = "epsilon",
         loss: str | None = None,
+        fixed_variance: str = "large",
         timestep_map: Tensor | None = None,
     ) -> None:
         super().__init__()
@@ -96,7 +101,10 @@ class GaussianDiffusion(nn.Module):
                 f"loss={loss!r} does not fit learn_sigma={learn_sigma}: use loss='hybrid' with a learned "
                 "variance and loss='mse' with a fixed one"
             )
+        if fixed_variance not in FIXED_VARIANCES:
+            raise ValueError(f"fixed_variance={fixed_variance!r}; choose one of {FIXED_VARIANCES}")
         self.learn_sigma, self.predict, self.loss = learn_sigma, predict, loss
+        self.fixed_variance = fixed_variance
 
         alphas_cumprod = torch.cumprod(1 - betas, dim=0)
         alphas_cumprod_prev = torch.cat([betas.new_ones(1), alphas_cumprod[:-1]])
@@ -115,6 +123,8 @@ class GaussianDiffusion(nn.Module):
             "posterior_log_variance_clipped": torch.cat(
                 [posterior_variance[1:2], posterior_variance[1:]]
             ).log(),
+            # ADM's FIXED_LARGE: β_t, its first value replaced by β̃ of the second step.
+            "large_variance": torch.cat([posterior_variance[1:2], betas[1:]]),
             "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
             "posterior_mean_coef2": (1 - alphas_cumprod_prev) * (1 - betas).sqrt() / (1 - alphas_cumprod),
         }
@@ -143,7 +153,8 @@ class GaussianDiffusion(nn.Module):
         return self.betas.shape[0]
 
     def extra_repr(self) -> str:
-        return f"num_timesteps={self.num_timesteps}, learn_sigma={self.learn_sigma}, predict={self.predict!r}"
+        variance = "learned range" if self.learn_sigma else f"fixed {self.fixed_variance}"
+        return f"num_timesteps={self.num_timesteps}, variance={variance}, predict={self.predict!r}"
 
     @staticmethod
     def _extract(table: Tensor, t: Tensor, x: Tensor) -> Tensor:
@@ -225,6 +236,9 @@ class GaussianDiffusion(nn.Module):
             frac = (v + 1) / 2
             log_variance = frac * max_log + (1 - frac) * min_log
             variance = log_variance.exp()
+        elif self.fixed_variance == "large":
+            variance = self._extract(self.large_variance, t, x_t).expand_as(x_t)
+            log_variance = variance.log()
         else:
             variance = self._extract(self.posterior_variance, t, x_t).expand_as(x_t)
             log_variance = self._extract(self.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
@@ -465,5 +479,6 @@ class GaussianDiffusion(nn.Module):
             learn_sigma=self.learn_sigma,
             predict=self.predict,
             loss=self.loss,
+            fixed_variance=self.fixed_variance,
             timestep_map=self.timestep_map[kept],
         )

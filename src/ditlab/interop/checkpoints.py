@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ditlab.autoencoders import SDVAE, Autoencoder, IdentityAutoencoder
+from ditlab.io import CheckpointFileError, cache_folder, load_torch_file
 from ditlab.models import BLOCKS, DIT_SIZES, PATCH_SIZES, DiT, parse_model_name
 from ditlab.models.embeddings import sincos_pos_embed_2d
 
@@ -213,7 +213,7 @@ def _check_fits(
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "ditlab"
+    return cache_folder()
 
 
 def resolve_checkpoint(path_or_name: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -249,16 +249,9 @@ def resolve_checkpoint(path_or_name: str | os.PathLike, cache_dir: str | os.Path
 def _torch_load(path: Path, map_location: str | torch.device) -> Any:
     """torch.load restricted to tensors and plain data (argparse.Namespace allowed: the reference's `args`)."""
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"refused to load {path}: it holds Python objects other than tensors and plain data, which "
-            f"could run code when unpickled ({str(err).splitlines()[0]}). Convert it where you trust it "
-            f"(load, keep the weights, torch.save a plain state dict). {SUPPORTED_FORMATS}"
-        ) from None
-    except (RuntimeError, EOFError) as err:
-        raise ValueError(f"cannot read {path} as a PyTorch file ({err}). {SUPPORTED_FORMATS}") from None
+        return load_torch_file(path, map_location, allowed_globals=[argparse.Namespace])
+    except CheckpointFileError as err:
+        raise CheckpointFileError(f"{err}. {SUPPORTED_FORMATS}") from None
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -300,7 +293,7 @@ def normalize_autoencoder(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def normalize_diffusion(spec: dict[str, Any]) -> dict[str, Any]:
-    """{"learn_sigma", "noise_schedule", "diffusion_steps"} (the arguments of `create_diffusion`) from a
+    """{"learn_sigma", "noise_schedule", "diffusion_steps", "fixed_variance"} (the arguments of `create_diffusion`) from a
     header's diffusion entry, which may be its Hydra config."""
     target = spec.get("_target_", "ditlab.diffusion.create_diffusion")
     if target != "ditlab.diffusion.create_diffusion":
@@ -309,6 +302,7 @@ def normalize_diffusion(spec: dict[str, Any]) -> dict[str, Any]:
         "learn_sigma": spec.get("learn_sigma", True),
         "noise_schedule": spec.get("noise_schedule", "linear"),
         "diffusion_steps": spec.get("diffusion_steps", 1000),
+        "fixed_variance": spec.get("fixed_variance", "large"),
     }
 
 

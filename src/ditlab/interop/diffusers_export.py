@@ -281,12 +281,14 @@ def export_diffusers(
     vae: "str | os.PathLike | AutoencoderKL | None" = None,
     scheduler: str = "ddim",
     use_ema: bool = True,
+    include_vae: bool = True,
 ) -> Path:
     """Write an adaln_zero DiT (a checkpoint of any supported format, or a LoadedDiT) as a diffusers folder.
 
     With a VAE (`vae`: a folder, hub name or AutoencoderKL; default: the checkpoint's) and 1000 classes,
     a complete `DiTPipeline` (transformer, vae, scheduler, `id2label` from the data's class names);
-    otherwise the transformer and scheduler only, with a warning saying why. `ditlab.json` keeps the ditlab
+    otherwise (or with `include_vae=False`, e.g. offline without the VAE at hand) the transformer and
+    scheduler only, with a warning saying why and, in the folder's README, how to add the VAE. `ditlab.json` keeps the ditlab
     header so that `load_dit(out_dir)` restores everything. The folder appears atomically; an existing
     non-empty `out_dir` is an error.
     """
@@ -296,8 +298,16 @@ def export_diffusers(
         raise FileExistsError(f"{out} exists and is not an empty folder; choose a new folder or delete it")
     transformer = to_diffusers(loaded.model)
     sched = make_scheduler(loaded.diffusion, scheduler)
-    vae_model = _vae_for(loaded, vae)
-    if vae_model is None:
+    try:
+        vae_model = _vae_for(loaded, vae) if include_vae else None
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err} Or export the transformer and scheduler alone: --no-vae") from None
+    if not include_vae and loaded.autoencoder["name"] != "identity":
+        reason = (
+            "exported without its VAE (--no-vae); add it with DiTPipeline(transformer=..., scheduler=..., "
+            f"vae=AutoencoderKL.from_pretrained({loaded.autoencoder.get('pretrained')!r}))"
+        )
+    elif vae_model is None:
         reason = "the model runs in pixel space and DiTPipeline decodes with a VAE"
     elif loaded.model.num_classes != 1000:
         reason = f"DiTPipeline uses 1000 as the null class, this model has {loaded.model.num_classes} classes"

@@ -15,9 +15,7 @@ path, size and modification time), the feature network and the settings.
 
 import dataclasses
 import hashlib
-import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +26,11 @@ from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm import tqdm
 
+from ditlab.io import atomic_write, cache_folder
 from ditlab.metrics.fid import PrecomputedFeatures, frechet_metric, real_gaussian
 from ditlab.metrics.image_sources import iter_image_files, iter_npz_images, list_image_files
 
-DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "ditlab" / "fid_stats"
+DEFAULT_CACHE_DIR = cache_folder("fid_stats")
 _CACHE_FORMAT = "ditlab-reference-v1"
 _STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 
@@ -56,17 +55,13 @@ class ReferenceStats:
 
     def save(self, path: str | Path) -> None:
         """Write an `.npz` atomically (temporary file in the same folder, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {k: v for k, v in dataclasses.asdict(self).items() if isinstance(v, np.ndarray)}
         arrays |= {
             "num_images": np.array(self.num_images or 0),
             "source": np.array(self.source),
             "network": np.array(self.network),
         }
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz.tmp", delete=False) as f:
-            np.savez(f, **arrays)
-        os.replace(f.name, path)
+        atomic_write(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
     def load(cls, path: str | Path) -> "ReferenceStats":
@@ -220,13 +215,23 @@ def load_reference(
             return reference_from_npz(ref, batch_size=batch_size, **kwargs)
 
     else:
-        raise FileNotFoundError(
-            f"Reference {ref!r} is neither an .npz file, an image folder, nor fashion_mnist_test/fashion_mnist_train."
-        )
+        check_reference_source(ref)
     if cache_dir is None:
         return compute()
     fingerprint = f"{_source_fingerprint(key_file)}|pr={num_pr_images}"
     return cached_reference(Path(str(ref)).stem, net, compute, cache_dir=cache_dir, fingerprint=fingerprint)
+
+
+def check_reference_source(ref: str | Path) -> None:
+    """Raises FileNotFoundError, in one line, unless `ref` is something `load_reference` reads."""
+    if re.fullmatch(r"fashion_mnist_(train|test)", str(ref)) or Path(ref).is_dir():
+        return
+    if Path(ref).is_file() and Path(ref).suffix == ".npz":
+        return
+    raise FileNotFoundError(
+        f"FID reference {str(ref)!r} is neither an .npz file, an image folder, nor fashion_mnist_test/"
+        "fashion_mnist_train: check the path (callbacks.fid.reference= / ref=)"
+    )
 
 
 def cached_reference(

@@ -14,12 +14,45 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from ditlab.training.callbacks import AtomicCheckpointIO, CheckpointOnSigterm, SampleGrid
+from ditlab.training.callbacks import Checkpointing, SampleGrid
+from ditlab.training.checkpoint_io import AtomicCheckpointIO
 from ditlab.training.module import DiTModule
 
 
 class ConfigError(ValueError):
     """A configuration that cannot run, with what to change."""
+
+
+def check_values(cfg: DictConfig) -> None:
+    """The values a run reads, in range; else one line naming the key, the value and the valid range."""
+
+    def need(ok: bool, key: str, value: Any, valid: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}={value} is out of range: it must be {valid}")
+
+    optim = cfg.optim
+    need(optim.lr > 0, "optim.lr", optim.lr, "> 0 (the paper's: 1e-4)")
+    need(optim.global_batch_size >= 1, "optim.global_batch_size", optim.global_batch_size, "≥ 1")
+    need(optim.max_steps >= 1, "optim.max_steps", optim.max_steps, "≥ 1")
+    need(0 <= optim.ema_decay < 1, "optim.ema_decay", optim.ema_decay, "in [0, 1) (the paper's: 0.9999)")
+    need(optim.warmup_steps >= 0, "optim.warmup_steps", optim.warmup_steps, "≥ 0")
+    need(optim.weight_decay >= 0, "optim.weight_decay", optim.weight_decay, "≥ 0")
+    need(all(0 <= b < 1 for b in optim.betas), "optim.betas", list(optim.betas), "two values in [0, 1)")
+    need(
+        optim.grad_clip is None or optim.grad_clip > 0,
+        "optim.grad_clip",
+        optim.grad_clip,
+        "> 0, or null (off)",
+    )
+    need(
+        isinstance(cfg.patch, int) and cfg.patch >= 1,
+        "patch",
+        cfg.patch,
+        "a whole number ≥ 1 (2, 4 or 8 in the paper)",
+    )
+    need(
+        0 <= cfg.net.class_dropout_prob < 1, "net.class_dropout_prob", cfg.net.class_dropout_prob, "in [0, 1)"
+    )
 
 
 def resolve_devices(cfg: DictConfig) -> None:
@@ -124,6 +157,7 @@ def build_module(cfg: DictConfig, datamodule: Any, autoencoder: Any) -> DiTModul
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Trains one point of the design space; returns where its outputs are."""
+    check_values(cfg)
     resolve_devices(cfg)
     n_processes = world_size(cfg)
     if cfg.optim.global_batch_size % n_processes:
@@ -143,7 +177,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     group = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
     tags = [f"{k}={v}" for k, v in coordinates(cfg).items()]
     loggers = build_loggers(cfg, tags, group)
-    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
+    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
+    # The checkpoint first: its on_train_end writes last.ckpt before the FID, the grids and the run record.
+    callbacks.sort(key=lambda c: not isinstance(c, Checkpointing))
     isolate_ddp_children_from_sweep()
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=loggers or False, callbacks=callbacks, plugins=[AtomicCheckpointIO()]
@@ -155,7 +191,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
         except SIGTERMException:
-            saved = next((c.saved for c in callbacks if isinstance(c, CheckpointOnSigterm)), None)
+            saved = next((c.saved for c in callbacks if isinstance(c, Checkpointing)), None)
             print(
                 f"[ditlab] SIGTERM at step {trainer.global_step}: saved {saved}; resume with ckpt_path={saved}"
             )

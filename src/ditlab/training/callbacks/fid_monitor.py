@@ -1,80 +1,17 @@
-"""FID during training, and the run record (`results.json`) that the report reads."""
+"""FID of EMA samples during and at the end of training, against cached reference statistics."""
 
-import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from torch.utils.data import DataLoader, Subset
 
-RESULTS_FILE = "results.json"
-
-
-def update_run_record(output_dir: str | Path, **fields: Any) -> dict[str, Any]:
-    """Merges `fields` into `<output_dir>/results.json`, written atomically; returns the record."""
-    path = Path(output_dir) / RESULTS_FILE
-    record = json.loads(path.read_text()) if path.is_file() else {}
-    record.update(fields)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, path)
-    return record
-
-
-def images_seen(trainer: L.Trainer) -> int:
-    return trainer.global_step * trainer.datamodule.batch_size * trainer.world_size
-
-
-class RunRecord(L.Callback):
-    """Logs Gflops, parameters and the design-space coordinates at the start of fit (metrics, config, W&B
-    summary) and keeps `<output_dir>/results.json` (coordinates, Gflops, params, steps, images seen,
-    training compute = Gflops × 3 × images) up to date for `src/report.py`."""
-
-    def __init__(self, output_dir: str):
-        self.output_dir = Path(output_dir)
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        summary = pl_module.complexity()
-        wandb = {}
-        for logger in trainer.loggers:
-            logger.log_hyperparams({"model/gflops": summary["gflops"], "model/params_m": summary["params_m"]})
-            if isinstance(logger, WandbLogger):
-                logger.experiment.summary.update(summary)
-                run = logger.experiment
-                wandb = {"project": run.project, "entity": run.entity, "id": run.id}
-        coordinates = pl_module.info.get("coordinates", {})
-        run_name = "-".join(
-            [
-                str(coordinates.get("block", "")),
-                str(coordinates.get("model", "")),
-                f"p{coordinates.get('patch', '')}",
-            ]
-        )
-        update_run_record(
-            self.output_dir, run_name=run_name, coordinates=coordinates, seed=pl_module.seed, **summary,
-            data=pl_module.info.get("data", {}).get("name"), wandb=wandb or None,
-        )  # fmt: skip
-        print(
-            f"[ditlab] {summary['params_m']:.2f}M parameters, {summary['gflops']:.3f} Gflops per forward pass"
-        )
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
-            seen = images_seen(trainer)
-            gflops = pl_module.complexity()["gflops"]
-            update_run_record(
-                self.output_dir,
-                step=trainer.global_step,
-                images_seen=seen,
-                train_compute_gflop=gflops * 3 * seen,
-            )
+from ditlab.io import atomic_write
+from ditlab.training.callbacks.run_record import images_seen, update_run_record
 
 
 class FIDMonitor(L.Callback):
@@ -106,6 +43,19 @@ class FIDMonitor(L.Callback):
         inception: str | None = None,
         save_samples: bool = False,
     ):
+        for key, value, low in (
+            ("num_samples", num_samples, 2),
+            ("batch_size", batch_size, 1),
+            ("steps", steps, 1),
+        ):
+            if value < low:
+                raise ValueError(f"callbacks.fid.{key}={value} must be ≥ {low}")
+        if every_n_steps < 0:
+            raise ValueError(f"callbacks.fid.every_n_steps={every_n_steps} must be ≥ 0 (0: only at the end)")
+        if cfg_scale < 0:
+            raise ValueError(f"callbacks.fid.cfg_scale={cfg_scale} must be ≥ 0 (1: no guidance)")
+        if sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"callbacks.fid.sampler={sampler!r}; valid: ddpm, ddim")
         self.output_dir = Path(output_dir)
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
@@ -121,6 +71,23 @@ class FIDMonitor(L.Callback):
         self.last_result: dict[str, Any] | None = None
         self._net = None
         self._reference_stats = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Before the first training step: what the FID will need at the end is there (the Inception
+        file, the reference source), so a run does not train for hours and then fail."""
+        if stage != "fit" or trainer.fast_dev_run or not trainer.is_global_zero:
+            return
+        from ditlab.metrics.features import find_inception_torchscript
+        from ditlab.metrics.reference import check_reference_source
+
+        find_inception_torchscript(self.inception)
+        if self.reference is not None:
+            check_reference_source(self.reference)
+        elif trainer.datamodule is not None and trainer.datamodule.is_latent:
+            raise ValueError(
+                "FID of a latent-space run needs reference images: set callbacks.fid.reference to an ADM "
+                ".npz (e.g. VIRTUAL_imagenet256_labeled.npz) or an image folder"
+            )
 
     def network(self, device: torch.device) -> torch.nn.Module:
         if self._net is None:
@@ -146,11 +113,6 @@ class FIDMonitor(L.Callback):
             self._reference_stats = load_reference(self.reference, net, cache_dir=cache_dir, device=device)
             return self._reference_stats
         datamodule = trainer.datamodule
-        if datamodule.is_latent:
-            raise ValueError(
-                "FID of a latent-space run needs reference images: set callbacks.fid.reference to an ADM "
-                ".npz (e.g. VIRTUAL_imagenet256_labeled.npz) or an image folder"
-            )
         split = "val" if datamodule.build_dataset("val", random_flip=False) is not None else "train"
         dataset = datamodule.build_dataset(split, random_flip=False)
         n = min(self.num_reference_images, len(dataset))
@@ -168,10 +130,16 @@ class FIDMonitor(L.Callback):
         return self._reference_stats
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
+        if (
+            self.every_n_steps > 0
+            and trainer.global_step % self.every_n_steps == 0
+            and not trainer.fast_dev_run
+        ):
             self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.fast_dev_run:  # a smoke test of the loop: no FID
+            return
         if not self.history or self.history[-1]["step"] != trainer.global_step:
             self.evaluate(trainer, pl_module)
 
@@ -212,18 +180,12 @@ class FIDMonitor(L.Callback):
         """`<output_dir>/samples/fid_step<step>[_rank<r>].npz` as `src/sample.py` writes them: `arr_0`
         (N, H, W, 3) uint8 and `arr_1` labels (N,), so that the same samples can be scored again later
         (`src/evaluate.py`, `experiments/class_accuracy.py --samples`)."""
-        import numpy as np
-
         labels = torch.cat([k[0] for k in kept]).numpy()
         images = torch.cat([k[1] for k in kept])  # (N, C, H, W) in [-1, 1]
         pixels = (127.5 * images + 128.0).clamp(0, 255).to(torch.uint8)  # 128 = 127.5 + 0.5: rounds
         pixels = pixels.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()
         path = self.output_dir / "samples" / f"fid_step{step:07d}{f'_rank{rank}' if rank else ''}.npz"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            np.savez(f, pixels, labels)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: np.savez(f, pixels, labels))
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from ditlab.metrics.fid import PrecomputedFeatures, frechet_metric

@@ -1,0 +1,98 @@
+"""Files: atomic writes, the cache folder, and reading PyTorch files without running their code.
+
+The bottom layer of ditlab: it imports nothing of ditlab, and every module that writes a result, a
+checkpoint or a cache entry, or reads a `.pt`/`.ckpt`, goes through it.
+"""
+
+import errno
+import os
+import pickle
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+
+class CheckpointFileError(ValueError):
+    """A file that cannot be read as a checkpoint: what it is instead, in one line."""
+
+
+def cache_folder(sub: str = "") -> Path:
+    """ditlab's cache folder: `$DITLAB_CACHE`, else `$XDG_CACHE_HOME/ditlab`, else `~/.cache/ditlab`;
+    `sub` names a folder inside it (e.g. "fid_stats")."""
+    root = os.environ.get("DITLAB_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "ditlab"
+    return Path(root).expanduser() / sub
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], *, fsync: bool = False) -> Path:
+    """`write(f)` into a temporary file beside `path`, then renamed over it: readers see the old file or
+    the new one, never half of one, and a failed write (a full disk, a kill) leaves the old file as it was.
+    `fsync` flushes the data to the disk before the rename (checkpoints: survive a power cut)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def load_torch_file(
+    path: str | Path, map_location: Any = "cpu", *, allowed_globals: Iterable[Any] = ()
+) -> Any:
+    """`torch.load(weights_only=True)`: tensors and plain data only, never a pickled object's code.
+
+    A file that is not a PyTorch file, a truncated one and one whose pickle holds other objects each
+    raise `CheckpointFileError` saying so (what torch itself raises for them is a KeyError, a zip-reader
+    RuntimeError or an UnpicklingError from deep inside the loader).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] != b"PK" and head[:1] != b"\x80":  # a zip archive (torch.save), or a legacy pickle
+        kind = "empty" if not head else "a text file" if _looks_like_text(path) else "not a PyTorch file"
+        raise CheckpointFileError(
+            f"{path} is not a checkpoint: it is {kind} (a checkpoint is a torch.save zip archive or a "
+            "safetensors file)"
+        )
+    try:
+        with torch.serialization.safe_globals(list(allowed_globals)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointFileError(
+            f"refused to load {path}: its pickle holds Python objects other than tensors and plain data, "
+            f"which could run code when unpickled ({str(err).splitlines()[0]}). If you trust the file, "
+            "load it yourself and torch.save a plain state dict"
+        ) from None
+    except (RuntimeError, EOFError, KeyError, ValueError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointFileError(
+            f"{path} is truncated or corrupt ({first}); use an earlier checkpoint or rerun the job that wrote it"
+        ) from None
+
+
+def _looks_like_text(path: Path) -> bool:
+    with open(path, "rb") as f:
+        sample = f.read(512)
+    try:
+        sample.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -1,0 +1,17 @@
+"""The callbacks of a ditlab run, one file each."""
+
+from ditlab.training.callbacks.checkpointing import Checkpointing
+from ditlab.training.callbacks.fid_monitor import FIDMonitor
+from ditlab.training.callbacks.run_record import RESULTS_FILE, RunRecord, update_run_record
+from ditlab.training.callbacks.sample_grid import SampleGrid
+from ditlab.training.callbacks.throughput import Throughput
+
+__all__ = [
+    "RESULTS_FILE",
+    "Checkpointing",
+    "FIDMonitor",
+    "RunRecord",
+    "SampleGrid",
+    "Throughput",
+    "update_run_record",
+]
