@@ -10,7 +10,10 @@ from ditlab.models import build_dit
 
 LOSSES = [3.404080861992848, 1.010008864431278, 1.1443024095044518, 1.4010276416612073]
 PARAMETER_SUM_AFTER_STEP = -50.161993638402784
-SAMPLES = {"10": (-13222.168302511322, 26858.689715237004), "ddim10": (-3682.1114292491743, 9129.636476062851)}
+SAMPLES = {
+    "10": (-13222.168302511322, 26858.689715237004),
+    "ddim10": (-3682.1114292491743, 9129.636476062851),
+}
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +41,9 @@ def test_loss_and_one_adamw_step_are_unchanged(setup):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0)
     losses["loss"].mean().backward()
     opt.step()
-    assert sum(p.sum() for p in model.parameters()).item() == pytest.approx(PARAMETER_SUM_AFTER_STEP, rel=1e-10)
+    assert sum(p.sum() for p in model.parameters()).item() == pytest.approx(
+        PARAMETER_SUM_AFTER_STEP, rel=1e-10
+    )
     model.load_state_dict(state)
 
 

@@ -11,6 +11,7 @@ from diffusers import AutoencoderKL, DiTTransformer2DModel
 from safetensors import safe_open
 
 from ditlab.diffusion import cfg_model_fn, create_diffusion, space_timesteps
+from ditlab.diffusion.sampling import image_generators, sample
 from ditlab.interop import checkpoints
 from ditlab.interop.checkpoints import (
     export_safetensors,
@@ -29,8 +30,6 @@ from ditlab.interop.diffusers_export import (
 from ditlab.interop.sampling import (
     concat_npz,
     generate,
-    image_generators,
-    sample_latents,
     save_npz,
     to_uint8_rgb,
 )
@@ -483,10 +482,8 @@ def test_generate_decodes_latents_with_the_checkpoint_vae(tmp_path, tiny_vae_dir
     images = read_npz(generate(loaded, tmp_path / "fp32", **common)["npz"])[0]
     assert images.shape == (2, 16, 16, 3)
 
-    diffusion = create_diffusion("ddim3")
-    z, _ = sample_latents(cfg_model_fn(model, 1.5, null_class=1000), diffusion,
-                          image_generators(0, range(2), "cpu"), (4, 8, 8), labels=torch.tensor([3, 999]),
-                          sampler="ddim")  # fmt: skip
+    z, _ = sample(model, create_diffusion(), image_generators(0, range(2), "cpu"), (4, 8, 8),
+                  labels=torch.tensor([3, 999]), sampler="ddim", steps=3, cfg_scale=1.5)  # fmt: skip
     vae = AutoencoderKL.from_pretrained(tiny_vae_dir)
     with torch.no_grad():
         expected = to_uint8_rgb(vae.decode(z / 0.5).sample.clamp(-1, 1)).numpy()

@@ -1,4 +1,4 @@
-"""The diffusion objective and samplers of DiT: schedules, Gaussian diffusion, guidance."""
+"""The diffusion objective and samplers of DiT: schedules, Gaussian diffusion, guidance, sampling."""
 
 from ditlab.diffusion.gaussian_diffusion import (
     GaussianDiffusion,
@@ -7,16 +7,22 @@ from ditlab.diffusion.gaussian_diffusion import (
     normal_kl,
 )
 from ditlab.diffusion.guidance import cfg_model_fn
+from ditlab.diffusion.sampling import SAMPLERS, Sampler, get_sampler, register_sampler, sample
 from ditlab.diffusion.schedules import make_betas, space_timesteps
 
 __all__ = [
+    "SAMPLERS",
     "GaussianDiffusion",
+    "Sampler",
     "approx_standard_normal_cdf",
     "cfg_model_fn",
     "create_diffusion",
     "discretized_gaussian_log_likelihood",
+    "get_sampler",
     "make_betas",
     "normal_kl",
+    "register_sampler",
+    "sample",
     "space_timesteps",
 ]
 
@@ -27,15 +33,18 @@ def create_diffusion(
     learn_sigma: bool = True,
     diffusion_steps: int = 1000,
     fixed_variance: str = "large",
+    predict: str = "epsilon",
+    loss: str | None = None,
 ) -> GaussianDiffusion:
-    """The paper's diffusion: `diffusion_steps` ε-prediction steps of `noise_schedule`, learned-range
+    """The paper's diffusion: `diffusion_steps` steps of `noise_schedule`, `predict`ing ε (or "x0", "v"), learned-range
     variance with the hybrid loss (with L_simple and the fixed `fixed_variance`, "large" as the reference
     or "small", when learn_sigma is False),
     respaced to `timestep_respacing` (e.g. "250" or "ddim50") when given: train with None, sample
     with "250"."""
     diffusion = GaussianDiffusion(
-        make_betas(noise_schedule, diffusion_steps), learn_sigma=learn_sigma, fixed_variance=fixed_variance
-    )
+        make_betas(noise_schedule, diffusion_steps),
+        learn_sigma=learn_sigma, fixed_variance=fixed_variance, predict=predict, loss=loss,
+    )  # fmt: skip
     if timestep_respacing in (None, ""):
         return diffusion
     return diffusion.respace(timestep_respacing)

@@ -293,7 +293,7 @@ def normalize_autoencoder(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def normalize_diffusion(spec: dict[str, Any]) -> dict[str, Any]:
-    """{"learn_sigma", "noise_schedule", "diffusion_steps", "fixed_variance"} (the arguments of `create_diffusion`) from a
+    """{"learn_sigma", "noise_schedule", "diffusion_steps", "fixed_variance", "predict", "loss"} (the arguments of `create_diffusion`) from a
     header's diffusion entry, which may be its Hydra config."""
     target = spec.get("_target_", "ditlab.diffusion.create_diffusion")
     if target != "ditlab.diffusion.create_diffusion":
@@ -303,6 +303,8 @@ def normalize_diffusion(spec: dict[str, Any]) -> dict[str, Any]:
         "noise_schedule": spec.get("noise_schedule", "linear"),
         "diffusion_steps": spec.get("diffusion_steps", 1000),
         "fixed_variance": spec.get("fixed_variance", "large"),
+        "predict": spec.get("predict", "epsilon"),
+        "loss": spec.get("loss"),
     }
 
 

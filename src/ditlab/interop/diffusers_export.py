@@ -46,6 +46,7 @@ from ditlab.models.embeddings import sincos_pos_embed_2d
 log = logging.getLogger(__name__)
 
 SCHEDULERS = {"ddim": DDIMScheduler, "dpm_solver": DPMSolverMultistepScheduler}
+PREDICTION_TYPES = {"epsilon": "epsilon", "x0": "sample", "v": "v_prediction"}  # ditlab -> diffusers
 HEADER_FILE = "ditlab.json"  # the ditlab header (autoencoder, data, diffusion) kept beside the weights
 
 
@@ -174,7 +175,8 @@ def from_diffusers(transformer: DiTTransformer2DModel) -> DiT:
 def make_scheduler(
     diffusion: dict[str, Any], kind: str = "ddim"
 ) -> DDIMScheduler | DPMSolverMultistepScheduler:
-    """A diffusers scheduler on ditlab's noise schedule (`diffusion`: {"noise_schedule", "diffusion_steps"}).
+    """A diffusers scheduler on ditlab's noise schedule and prediction target (`diffusion`: {"noise_schedule",
+    "diffusion_steps", "predict"}).
 
     "ddim": DDIM with ᾱ_prev = 1 at the last step and "leading" spacing, i.e. the steps of ditlab's
     "ddimN" respacing; "dpm_solver": DPM-Solver++ (2nd order), good in 20-25 steps.
@@ -182,7 +184,8 @@ def make_scheduler(
     if kind not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {kind!r}; choose one of {', '.join(SCHEDULERS)}")
     steps, schedule = diffusion["diffusion_steps"], diffusion["noise_schedule"]
-    common: dict[str, Any] = {"num_train_timesteps": steps, "prediction_type": "epsilon"}
+    predict = diffusion.get("predict", "epsilon")
+    common: dict[str, Any] = {"num_train_timesteps": steps, "prediction_type": PREDICTION_TYPES[predict]}
     if schedule == "linear":  # ditlab scales both ends by 1000/T, diffusers' linspace takes them as given
         common |= {
             "beta_schedule": "linear",
@@ -204,7 +207,8 @@ def _diffusion_from_scheduler(config: dict[str, Any], learn_sigma: bool) -> dict
     """ditlab's diffusion settings equal to a diffusers scheduler config; ValueError if there are none."""
     steps = config.get("num_train_timesteps", 1000)
     schedule = config.get("beta_schedule", "linear")
-    if config.get("prediction_type", "epsilon") != "epsilon" or config.get("trained_betas") is not None:
+    predict = {v: k for k, v in PREDICTION_TYPES.items()}.get(config.get("prediction_type", "epsilon"))
+    if predict is None or config.get("trained_betas") is not None:
         schedule = "other"
     elif schedule == "linear":
         expected = (1e-4 * 1000 / steps, 0.02 * 1000 / steps)
@@ -215,10 +219,15 @@ def _diffusion_from_scheduler(config: dict[str, Any], learn_sigma: bool) -> dict
         schedule = "cosine"
     if schedule not in ("linear", "cosine"):
         raise ValueError(
-            "the scheduler's noise schedule is not one of ditlab's (ε-prediction, linear β 1e-4..0.02 at "
+            "the scheduler's noise schedule is not one of ditlab's (ε, x0 or v prediction, linear β 1e-4..0.02 at "
             f"1000 steps, or squaredcos_cap_v2): {json.dumps(config)}"
         )
-    return {"learn_sigma": learn_sigma, "noise_schedule": schedule, "diffusion_steps": steps}
+    return {
+        "learn_sigma": learn_sigma,
+        "noise_schedule": schedule,
+        "diffusion_steps": steps,
+        "predict": predict,
+    }
 
 
 def _vae_for(loaded: LoadedDiT, vae: "str | os.PathLike | AutoencoderKL | None") -> AutoencoderKL | None:

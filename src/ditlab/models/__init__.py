@@ -1,7 +1,7 @@
 """DiT models: the backbone, the four conditioning blocks and the size table."""
 
 from ditlab.models.blocks import BLOCKS, DiTBlock, get_block, register_block
-from ditlab.models.dit import DIT_SIZES, PATCH_SIZES, DiT, DiTSize, build_dit, parse_model_name
+from ditlab.models.dit import DIT_SIZES, PATCH_SIZES, DiT, DiTSize, build_dit, parse_model_name, register_size
 
 __all__ = [
     "BLOCKS",
@@ -14,4 +14,5 @@ __all__ = [
     "get_block",
     "parse_model_name",
     "register_block",
+    "register_size",
 ]

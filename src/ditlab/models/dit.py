@@ -34,6 +34,14 @@ DIT_SIZES: dict[str, DiTSize] = {
 PATCH_SIZES = (2, 4, 8)  # the paper's; any patch size dividing the input works
 
 
+def register_size(name: str, size: DiTSize) -> DiTSize:
+    """Make `size` available as `model=<name>` (with a `conf/model/<name>.yaml` naming your module)."""
+    if name in DIT_SIZES and DIT_SIZES[name] != size:
+        raise ValueError(f"model size {name!r} is already registered as {DIT_SIZES[name]}")
+    DIT_SIZES[name] = size
+    return size
+
+
 class FinalLayer(nn.Module):
     """Affine-free LayerNorm, adaLN shift/scale from c, Linear(d -> p·p·out_channels)."""
 

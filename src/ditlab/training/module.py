@@ -1,22 +1,28 @@
 """The LightningModule: a DiT trained with the diffusion objective, with an EMA copy for sampling."""
 
 import copy
+import functools
 import random
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 
-from ditlab.diffusion import GaussianDiffusion, cfg_model_fn
+from ditlab.diffusion import GaussianDiffusion
+from ditlab.diffusion.sampling import image_generators, sample, seeded_generator
 from ditlab.metrics import count_params, forward_flops
 from ditlab.models import DiT
+from ditlab.training.schedules import linear_warmup
 
 CHECKPOINT_VERSION = 1
 
 
 class DiTModule(L.LightningModule):
-    """Trains `model` (a DiT) on `diffusion.training_losses` with AdamW and an EMA of its weights.
+    """Trains `model` (a DiT) on `diffusion.training_losses` with `optimizer` (a partial taking the
+    parameters; default AdamW 1e-4, fused) under `scheduler` (a partial taking the optimizer; default:
+    constant) and an EMA of its weights.
 
     Batches are (x, y): images in [-1, 1] encoded by `autoencoder` in the loop when `encode_batches`,
     or latents already (pixel space, or pre-extracted latents). `info` is plain data describing the run
@@ -40,10 +46,8 @@ class DiTModule(L.LightningModule):
         autoencoder: nn.Module,
         *,
         encode_batches: bool = False,
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 0,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         ema_decay: float = 0.9999,
         max_nonfinite_steps: int = 5,
         compile: bool = False,
@@ -58,8 +62,9 @@ class DiTModule(L.LightningModule):
         # VAE; it is moved to the device in `on_fit_start`.
         object.__setattr__(self, "autoencoder", autoencoder.requires_grad_(False).eval())
         self.encode_batches = encode_batches
-        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
-        self.warmup_steps = warmup_steps
+        # `_partial_` configs (conf/optim): the optimizer takes the parameters, the schedule the optimizer.
+        self.optimizer_factory = optimizer or functools.partial(torch.optim.AdamW, lr=1e-4, fused=True)
+        self.scheduler_factory = scheduler or linear_warmup
         self.ema_decay = ema_decay
         self.max_nonfinite_steps = max_nonfinite_steps
         self.compile_model = compile
@@ -112,7 +117,7 @@ class DiTModule(L.LightningModule):
         draws what the uninterrupted one did.
         """
         n, world, rank = x.shape[0], self.trainer.world_size, self.global_rank
-        generator = torch.Generator(x.device).manual_seed(self.seed * 1_000_003 + self.global_step)
+        generator = seeded_generator(self.seed, self.global_step, x.device)
         t = torch.randint(0, self.diffusion.num_timesteps, (n * world,), generator=generator, device=x.device)
         noise = torch.randn((n * world, *x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)
         return t[rank * n : (rank + 1) * n], noise[rank * n : (rank + 1) * n]
@@ -144,39 +149,41 @@ class DiTModule(L.LightningModule):
             )
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay, fused=True
-        )
-        optimizer.found_inf = self.found_inf  # read by the fused kernel: skip the step on a bad loss
-        warmup = max(self.warmup_steps, 1)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        optimizer = self.optimizer_factory(self.model.parameters())
+        # Read by fused AdamW/Adam kernels: skip the step on a bad loss (other optimizers ignore it).
+        optimizer.found_inf = self.found_inf
+        scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- sampling ------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(
         self,
-        labels: torch.Tensor,
+        labels: torch.Tensor | None = None,
         *,
+        indices: Sequence[int] | None = None,
+        seed: int = 0,
         cfg_scale: float = 1.0,
         sampler: str = "ddim",
         steps: int = 50,
         guidance_channels: int | None = None,
-        generator: torch.Generator | None = None,
         use_ema: bool = True,
-    ) -> torch.Tensor:
-        """Images (N, C, H, W) in [-1, 1] for `labels` (N,), from the EMA weights by default."""
-        if sampler not in ("ddpm", "ddim"):
-            raise ValueError(f"unknown sampler {sampler!r}; valid: ddpm, ddim")
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (N, C, H, W) in [-1, 1] and their labels (N,), from the EMA weights by default.
+
+        Image k is image `indices[k]` (default k) of the job `seed`: drawn from its own generator (see
+        `ditlab.diffusion.sampling`), with its label from `labels` (N,) or drawn uniformly.
+        """
         net = (self.ema if use_ema else self.model).eval()
-        diffusion = self.diffusion.respace(f"ddim{steps}" if sampler == "ddim" else str(steps))
-        model_fn = cfg_model_fn(
-            net, cfg_scale, null_class=net.num_classes, guidance_channels=guidance_channels
-        )
-        shape = (len(labels), net.in_channels, net.input_size, net.input_size)
-        loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
-        z = loop(model_fn, shape, model_kwargs={"y": labels}, generator=generator, device=self.device)
-        return self.autoencoder.to(self.device).decode(z).clamp(-1, 1)
+        if indices is None:
+            indices = range(len(labels))
+        shape = (net.in_channels, net.input_size, net.input_size)
+        z, labels = sample(
+            net, self.diffusion, image_generators(seed, indices, self.device), shape,
+            sampler=sampler, steps=steps, labels=labels, num_classes=net.num_classes,
+            cfg_scale=cfg_scale, guidance_channels=guidance_channels,
+        )  # fmt: skip
+        return self.autoencoder.to(self.device).decode(z).clamp(-1, 1), labels
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

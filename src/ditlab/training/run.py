@@ -1,5 +1,6 @@
 """Builds and runs one training job from a composed Hydra config (the body of `src/train.py`)."""
 
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -53,6 +54,21 @@ def check_values(cfg: DictConfig) -> None:
     need(
         0 <= cfg.net.class_dropout_prob < 1, "net.class_dropout_prob", cfg.net.class_dropout_prob, "in [0, 1)"
     )
+
+
+def import_registering_modules(cfg: DictConfig) -> None:
+    """Imports the module each registry entry of the run names (`module:` in conf/block, conf/model and
+    conf/sampler), so that a block, size or sampler defined in the user's own package registers itself
+    before it is looked up by name."""
+    for group in ("block", "model", "sampler"):
+        module = (cfg.get(group) or {}).get("module")
+        if module:
+            try:
+                importlib.import_module(module)
+            except ImportError as err:
+                raise ConfigError(
+                    f"{group}.module={module} cannot be imported ({err}); put its package on the Python path"
+                ) from None
 
 
 def resolve_devices(cfg: DictConfig) -> None:
@@ -142,8 +158,8 @@ def build_module(cfg: DictConfig, datamodule: Any, autoencoder: Any) -> DiTModul
     module = DiTModule(
         model, diffusion, autoencoder,
         encode_batches=not datamodule.is_latent,
-        lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas),
-        warmup_steps=cfg.optim.warmup_steps, ema_decay=cfg.optim.ema_decay,
+        optimizer=instantiate(cfg.optim.optimizer), scheduler=instantiate(cfg.optim.scheduler),
+        ema_decay=cfg.optim.ema_decay,
         compile=cfg.compile, seed=cfg.seed, info=info,
     )  # fmt: skip
     if cfg.init_from:
@@ -158,6 +174,7 @@ def build_module(cfg: DictConfig, datamodule: Any, autoencoder: Any) -> DiTModul
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Trains one point of the design space; returns where its outputs are."""
     check_values(cfg)
+    import_registering_modules(cfg)
     resolve_devices(cfg)
     n_processes = world_size(cfg)
     if cfg.optim.global_batch_size % n_processes:

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from torch.utils.data import DataLoader, Subset
 
+from ditlab.diffusion.sampling import SAMPLERS
 from ditlab.io import atomic_write
 from ditlab.training.callbacks.run_record import images_seen, update_run_record
 
@@ -21,8 +22,8 @@ class FIDMonitor(L.Callback):
     The reference is an ADM `.npz`, an image folder or `fashion_mnist_test` (`reference=`), or, when
     null, `num_reference_images` images of the datamodule's validation split (its training split when it
     has none), drawn once with a fixed seed; its statistics are cached (`cache_dir`). Samples are split
-    across ranks (each batch seeded by the index of its first image, so the set does not depend on the
-    number of processes when `batch_size` divides each rank's share); features are gathered and rank 0 computes the FID with torchmetrics. Logged as `fid`
+    across ranks (each image seeded by its index, so the set does not depend on the batch size or the
+    number of processes: `ditlab.diffusion.sampling`); features are gathered and rank 0 computes the FID with torchmetrics. Logged as `fid`
     with the run's Gflops, parameters and training compute so far (`train_compute_gflop`), and recorded
     in `results.json`. Features come from the TensorFlow Inception-v3 (see `ditlab.metrics.features`).
     """
@@ -54,8 +55,8 @@ class FIDMonitor(L.Callback):
             raise ValueError(f"callbacks.fid.every_n_steps={every_n_steps} must be ≥ 0 (0: only at the end)")
         if cfg_scale < 0:
             raise ValueError(f"callbacks.fid.cfg_scale={cfg_scale} must be ≥ 0 (1: no guidance)")
-        if sampler not in ("ddpm", "ddim"):
-            raise ValueError(f"callbacks.fid.sampler={sampler!r}; valid: ddpm, ddim")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"callbacks.fid.sampler={sampler!r}; valid: {', '.join(SAMPLERS)}")
         self.output_dir = Path(output_dir)
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
@@ -157,16 +158,11 @@ class FIDMonitor(L.Callback):
             if trainer.received_sigterm:
                 return None
             n = min(self.batch_size, end - start)
-            generator = torch.Generator(device).manual_seed(self.seed * 1_000_003 + start)
-            labels = torch.randint(pl_module.ema.num_classes, (n,), generator=generator, device=device)
-            with trainer.precision_plugin.forward_context():
-                images = pl_module.sample(
-                    labels,
-                    cfg_scale=self.cfg_scale,
-                    sampler=self.sampler,
-                    steps=self.steps,
-                    generator=generator,
-                )
+            with trainer.precision_plugin.forward_context():  # labels uniform, drawn per image
+                images, labels = pl_module.sample(
+                    indices=range(start, start + n), seed=self.seed, cfg_scale=self.cfg_scale,
+                    sampler=self.sampler, steps=self.steps,
+                )  # fmt: skip
             features[start - begin : start - begin + n] = net((images.float() + 1) / 2)
             if self.save_samples:
                 kept.append((labels.cpu(), images.float().cpu()))

@@ -9,6 +9,8 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
+from ditlab.diffusion.sampling import SAMPLERS
+
 
 class SampleGrid(L.Callback):
     """Every `every_n_steps` and at the end of training: a grid of EMA samples with guidance, one row
@@ -34,6 +36,8 @@ class SampleGrid(L.Callback):
                 raise ValueError(f"callbacks.sample_grid.{key}={value} must be ≥ {low}")
         if cfg_scale < 0:
             raise ValueError(f"callbacks.sample_grid.cfg_scale={cfg_scale} must be ≥ 0 (1: no guidance)")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"callbacks.sample_grid.sampler={sampler!r}; valid: {', '.join(SAMPLERS)}")
         self.output_dir = Path(output_dir) / "samples"
         self.every_n_steps = every_n_steps
         self.per_class = per_class
@@ -60,10 +64,9 @@ class SampleGrid(L.Callback):
     def make_grid(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
         num_classes = min(pl_module.ema.num_classes, self.max_classes)
         labels = torch.arange(num_classes, device=pl_module.device).repeat_interleave(self.per_class)
-        generator = torch.Generator(pl_module.device).manual_seed(self.seed)
         with trainer.precision_plugin.forward_context():
-            images = pl_module.sample(
-                labels, cfg_scale=self.cfg_scale, sampler=self.sampler, steps=self.steps, generator=generator
+            images, _ = pl_module.sample(
+                labels, seed=self.seed, cfg_scale=self.cfg_scale, sampler=self.sampler, steps=self.steps
             )
         grid = make_grid(images.float().add(1).div(2), nrow=self.per_class, padding=1)
         self.output_dir.mkdir(parents=True, exist_ok=True)
