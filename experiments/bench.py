@@ -11,7 +11,7 @@ Work timed:
   in one doubled batch) of a `--sample-steps` process; images/s are for the whole process.
 
 Modes:
-- `reference`: the published recipe, `ditlab.training.reference_recipe` (what it re-creates is listed
+- `reference`: the published recipe, `experiments/reference_recipe.py` (what it re-creates is listed
   there): fp32 (TF32 matrix products on CUDA, as the reference sets), eager, explicit attention, default
   AdamW, a Python-loop EMA, host-device copies of the schedule tables, `loss.item()` every step;
   adaLN-Zero only, as published.
@@ -71,8 +71,10 @@ from ditlab.autoencoders.base import IdentityAutoencoder
 from ditlab.diffusion import cfg_model_fn, create_diffusion
 from ditlab.metrics import forward_flops
 from ditlab.models import build_dit
-from ditlab.training import reference_recipe
 from ditlab.training.module import DiTModule
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import reference_recipe
 
 KINDS = ("train", "sample")
 FLAGS = ("bf16", "compile", "ckpt", "pbar")

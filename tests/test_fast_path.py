@@ -15,18 +15,39 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from ditlab.diffusion import cfg_model_fn, create_diffusion
-from ditlab.models import build_dit
-from ditlab.training import reference_recipe
+from ditlab.models import BLOCKS, build_dit
 from ditlab.training.module import DiTModule
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def load_experiment(name: str):
+    """A script of experiments/ as a module (they are not part of the package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "experiments" / "bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_experiment("bench")
+
+
+reference_recipe = load_experiment("reference_recipe")
+
+
+def test_the_baseline_uses_nothing_of_ditlab():
+    source = (ROOT / "experiments" / "reference_recipe.py").read_text()
+    assert "ditlab" not in "".join(
+        line for line in source.splitlines() if line.startswith(("import", "from"))
+    )
+
+
+def test_reference_space_timesteps_is_adms():
+    from ditlab.diffusion import space_timesteps
+
+    for counts in ("250", "ddim50", "10,15,20", "1000", "25"):
+        assert reference_recipe.space_timesteps(1000, counts) == set(space_timesteps(1000, counts))
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -69,7 +90,7 @@ def test_bf16_autocast_matches_fp32():
     assert rel_error(loss_bf16, loss) < 1e-2
 
 
-@pytest.mark.parametrize("block", ["adaln_zero", "in_context", "cross_attention", "adaln"])
+@pytest.mark.parametrize("block", list(BLOCKS))
 def test_every_block_compiles_to_one_graph_that_matches_eager(block):
     """aot_eager runs the graphs Dynamo captured and AOTAutograd split into forward and backward, without
     Inductor's code generation: fullgraph=True fails on any graph break (each costs speed on a GPU)."""

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from ditlab import report
+from ditlab.models import BLOCKS as REGISTERED_BLOCKS
 from ditlab.report import load_records, table4_rows, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,7 +201,7 @@ def test_block_ablation_gives_a_block_table(tmp_path):
     written = write_report(load_records(write_records(tmp_path / "runs", docs)), tmp_path / "report")
     with open(written["blocks.csv"]) as f:
         rows = list(csv.DictReader(f))
-    assert [r["block"] for r in rows] == ["in_context", "cross_attention", "adaln", "adaln_zero"]
+    assert [r["block"] for r in rows] == BLOCKS
     assert {r["block"]: (float(r["gflops"]), float(r["fid"])) for r in rows} == PAPER_BLOCKS
     assert "| cross-attention | XL/2 | 137.62 | 675.1 | 26.14 |" in written["blocks.md"].read_text()
     assert written["table4.md"].read_text().count("### ") == 4  # a Table-4 section per block
@@ -446,7 +447,7 @@ def points(configs: list[DictConfig]) -> list[tuple[str, str, int]]:
 
 
 SIZES = ["DiT-S", "DiT-B", "DiT-L", "DiT-XL"]
-BLOCKS = ["in_context", "cross_attention", "adaln", "adaln_zero"]
+BLOCKS = list(REGISTERED_BLOCKS)  # the paper's order is the registration order
 
 
 @pytest.mark.parametrize(

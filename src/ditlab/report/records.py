@@ -8,11 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ditlab.models import BLOCKS, DIT_SIZES
+
 RECORD_FILE = "results.json"
-# Paper order: sizes from small to large, patches from coarse to fine (Gflops increasing along a row).
-# DiT-Ti is ours (CPU work), not in the paper.
-MODEL_ORDER = ("DiT-Ti", "DiT-S", "DiT-B", "DiT-L", "DiT-XL")
-BLOCK_ORDER = ("in_context", "cross_attention", "adaln", "adaln_zero")
+# Paper order, from the registries: sizes from small to large (by depth × width²), blocks in the order the
+# paper lists them (their registration order), patches from coarse to fine (Gflops increasing along a row).
+MODEL_ORDER = tuple(
+    sorted(DIT_SIZES, key=lambda name: DIT_SIZES[name].depth * DIT_SIZES[name].hidden_size ** 2)
+)
+BLOCK_ORDER = tuple(BLOCKS)
 BLOCK_NAMES = {
     "in_context": "in-context",
     "cross_attention": "cross-attention",

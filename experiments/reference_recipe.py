@@ -1,5 +1,8 @@
 """The published DiT recipe (Peebles & Xie 2022), re-created as the baseline of `experiments/bench.py`.
 
+Built from the reference's definitions alone (its models.py and ADM's diffusion functions, re-derived here):
+it imports nothing of ditlab, so the baseline never runs the code it is compared with.
+
 The reference code (facebookresearch/DiT: models.py, train.py, sample.py and the ADM diffusion package)
 is not importable here, so this module re-creates what decides its speed, operation for operation:
 
@@ -30,8 +33,60 @@ import torch
 from timm.layers import Mlp, PatchEmbed
 from torch import Tensor, nn
 
-from ditlab.diffusion import discretized_gaussian_log_likelihood, normal_kl, space_timesteps
-from ditlab.models import parse_model_name
+# The reference's sizes (its DiT_models table; DiT-Ti is ditlab's CPU size, for small benchmarks):
+# name -> (depth, hidden size, heads).
+SIZES = {"DiT-S": (12, 384, 6), "DiT-B": (12, 768, 12), "DiT-L": (24, 1024, 16), "DiT-XL": (28, 1152, 16),
+         "DiT-Ti": (4, 192, 3)}  # fmt: skip
+
+
+def space_timesteps(num_timesteps: int, section_counts: str) -> set[int]:
+    """ADM's `space_timesteps`: "ddimN" strides evenly; "a,b,c" keeps a, b, c steps from equal sections,
+    each section's steps spread with a fractional stride and rounded."""
+    if section_counts.startswith("ddim"):
+        desired = int(section_counts[len("ddim") :])
+        for stride in range(1, num_timesteps):
+            if len(range(0, num_timesteps, stride)) == desired:
+                return set(range(0, num_timesteps, stride))
+        raise ValueError(f"cannot create exactly {desired} steps with an integer stride")
+    counts = [int(x) for x in section_counts.split(",")]
+    size_per, extra = divmod(num_timesteps, len(counts))
+    start, kept = 0, []
+    for i, count in enumerate(counts):
+        size = size_per + (1 if i < extra else 0)
+        stride = (size - 1) / (count - 1) if count > 1 else 1
+        position = 0.0
+        for _ in range(count):  # accumulated, as ADM does (not stride·j: the rounding can differ)
+            kept.append(start + round(position))
+            position += stride
+        start += size
+    return set(kept)
+
+
+def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
+    """ADM's KL divergence between two Gaussians, elementwise (nats)."""
+    return 0.5 * (
+        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
+    )
+
+
+def approx_standard_normal_cdf(x: Tensor) -> Tensor:
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
+
+
+def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Tensor) -> Tensor:
+    """ADM's log-likelihood of x in [-1, 1] under a Gaussian discretised to 8-bit bins."""
+    centered_x = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered_x + 1.0 / 255.0))
+    cdf_min = approx_standard_normal_cdf(inv_stdv * (centered_x - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    cdf_delta = cdf_plus - cdf_min
+    return torch.where(
+        x < -0.999,
+        log_cdf_plus,
+        torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))),
+    )
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -179,15 +234,16 @@ def reference_dit(
     num_classes: int = 1000,
     depth: int | None = None,
 ) -> ReferenceDiT:
-    """The reference model of a size in ditlab's table, e.g. `reference_dit("DiT-S/4")`."""
-    size, patch_size = parse_model_name(name)
+    """The reference model of a size of its table, e.g. `reference_dit("DiT-S/4")`."""
+    size, patch = name.split("/")
+    size_depth, hidden_size, num_heads = SIZES[size]
     return ReferenceDiT(
         input_size=input_size,
-        patch_size=patch_size,
+        patch_size=int(patch),
         in_channels=in_channels,
-        hidden_size=size.hidden_size,
-        depth=size.depth if depth is None else depth,
-        num_heads=size.num_heads,
+        hidden_size=hidden_size,
+        depth=size_depth if depth is None else depth,
+        num_heads=num_heads,
         num_classes=num_classes,
     )
 
