@@ -69,6 +69,7 @@ from torch import Tensor
 
 from ditlab.autoencoders.base import IdentityAutoencoder
 from ditlab.diffusion import cfg_model_fn, create_diffusion
+from ditlab.io import atomic_write_text
 from ditlab.metrics import forward_flops
 from ditlab.models import build_dit
 from ditlab.training.module import DiTModule
@@ -371,9 +372,12 @@ class ReferenceObjects:
     def __init__(self, args: argparse.Namespace, weights: dict[str, Tensor], device: torch.device):
         with torch.device(device):
             self.model = reference_recipe.reference_dit(
-                args.model, input_size=args.input_size, in_channels=args.channels,
-                num_classes=args.num_classes, depth=args.depth,
-            )  # fmt: skip
+                args.model,
+                input_size=args.input_size,
+                in_channels=args.channels,
+                num_classes=args.num_classes,
+                depth=args.depth,
+            )
         self.model.load_state_dict(weights)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0)
@@ -384,9 +388,13 @@ class ReferenceObjects:
 def build_ours(args: argparse.Namespace, device: torch.device) -> DiTModule:
     with torch.device(device):
         model = build_dit(
-            args.model, args.block, input_size=args.input_size, in_channels=args.channels,
-            num_classes=args.num_classes, depth=args.depth,
-        )  # fmt: skip
+            args.model,
+            args.block,
+            input_size=args.input_size,
+            in_channels=args.channels,
+            num_classes=args.num_classes,
+            depth=args.depth,
+        )
         return DiTModule(model, create_diffusion(), IdentityAutoencoder(), seed=args.seed)
 
 
@@ -496,20 +504,22 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         median = statistics.median(seconds)
         state = tensor_bytes(works[kind, mode].state())
         img_s = args.batch / (median * per_image_steps)
-        rows.append({
-            **row,
-            "ms_per_step": 1000 * median,
-            "ms_per_step_min": 1000 * min(seconds),
-            "ms_per_step_max": 1000 * max(seconds),
-            "ms_per_step_blocks": [1000 * s for s in seconds],
-            "img_s": img_s,
-            "img_s_min": args.batch / (max(seconds) * per_image_steps),
-            "img_s_max": args.batch / (min(seconds) * per_image_steps),
-            "peak_mem_gib": (state + rises[kind, mode]) / 2**30,
-            "state_gib": state / 2**30,
-            "mfu": img_s * step_flops / (rate * 1e12),
-            "warmup_s": warmup_s[kind, mode],
-        })  # fmt: skip
+        rows.append(
+            {
+                **row,
+                "ms_per_step": 1000 * median,
+                "ms_per_step_min": 1000 * min(seconds),
+                "ms_per_step_max": 1000 * max(seconds),
+                "ms_per_step_blocks": [1000 * s for s in seconds],
+                "img_s": img_s,
+                "img_s_min": args.batch / (max(seconds) * per_image_steps),
+                "img_s_max": args.batch / (min(seconds) * per_image_steps),
+                "peak_mem_gib": (state + rises[kind, mode]) / 2**30,
+                "state_gib": state / 2**30,
+                "mfu": img_s * step_flops / (rate * 1e12),
+                "warmup_s": warmup_s[kind, mode],
+            }
+        )
     for row in rows:
         ref = next((r for r in rows if r["kind"] == row["kind"] and r["mode"] == "reference"), None)
         if ref is not None and "img_s" in row and "img_s" in ref:
@@ -548,8 +558,11 @@ def format_table(record: dict[str, Any]) -> str:
         f"({record['device_type']}{threads}), torch {record['torch']}; median of {c['repeats']} blocks of "
         f"{c['steps']} steps [range]; matmul {record['matmul_tflops']:.3g} TFLOP/s {record['matmul_dtype']}"
     )
-    lines = [head, f"{'kind':6} {'mode':20} {'ms/step [range]':>24} {'img/s':>9} {'×ref':>6} "
-             f"{'paired ×ref [range]':>20} {'peak GiB':>9} {'MFU':>6} {'warm-up s':>9}"]  # fmt: skip
+    lines = [
+        head,
+        f"{'kind':6} {'mode':20} {'ms/step [range]':>24} {'img/s':>9} {'×ref':>6} "
+        f"{'paired ×ref [range]':>20} {'peak GiB':>9} {'MFU':>6} {'warm-up s':>9}",
+    ]
     for r in record["rows"]:
         if "error" in r:
             lines.append(f"{r['kind']:6} {r['mode']:20} {r['error']}")
@@ -574,15 +587,7 @@ def write_json(record: dict[str, Any], out_dir: Path, tag: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"{slug(record['device']['name'])}-{record['date'][:10]}" + (f"-{slug(tag)}" if tag else "")
     path = out_dir / f"{name}.json"
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write_text(path, json.dumps(record, indent=1))
 
 
 def summarize(paths: list[Path]) -> str:
@@ -592,8 +597,10 @@ def summarize(paths: list[Path]) -> str:
         if not path.is_file():
             raise FileNotFoundError(f"no benchmark result at {path}")
         records.append(json.loads(path.read_text()))
-    lines = [f"{'model':10} {'block':16} {'kind':6} {'mode':20} {'batch':>5} {'img/s':>9} {'×ref':>6} "
-             f"{'MFU':>6}  target"]  # fmt: skip
+    lines = [
+        f"{'model':10} {'block':16} {'kind':6} {'mode':20} {'batch':>5} {'img/s':>9} {'×ref':>6} "
+        f"{'MFU':>6}  target"
+    ]
     groups: dict[tuple, dict[str, tuple[float, float]]] = {}
     for record in records:
         for r in record["rows"]:

@@ -39,10 +39,17 @@ def classifier() -> nn.Module:
         return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
 
     return nn.Sequential(
-        conv(1, 32), conv(32, 32), nn.MaxPool2d(2),
-        conv(32, 64), conv(64, 64), nn.MaxPool2d(2),
-        conv(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10),
-    )  # fmt: skip
+        conv(1, 32),
+        conv(32, 32),
+        nn.MaxPool2d(2),
+        conv(32, 64),
+        conv(64, 64),
+        nn.MaxPool2d(2),
+        conv(64, 128),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(128, 10),
+    )
 
 
 def _split(data: FashionMNISTDataModule, split: str) -> tuple[Tensor, Tensor]:
@@ -122,9 +129,16 @@ def score_images(
 
 @torch.no_grad()
 def class_scores(
-    net: nn.Module, real: tuple[Tensor, Tensor], checkpoint: str, *,
-    per_class: int, cfg_scale: float, sampler: str, steps: int, seed: int,
-) -> tuple[list[float], list[float], Tensor]:  # fmt: skip
+    net: nn.Module,
+    real: tuple[Tensor, Tensor],
+    checkpoint: str,
+    *,
+    per_class: int,
+    cfg_scale: float,
+    sampler: str,
+    steps: int,
+    seed: int,
+) -> tuple[list[float], list[float], Tensor]:
     """`score_images` of `per_class` guided samples per class of a checkpoint; also the samples,
     (N, 1, H, W) in [-1, 1]."""
     sample = ImageSampler(load_dit(checkpoint), cfg_scale=cfg_scale, sampler=sampler, steps=steps, seed=seed)
@@ -172,9 +186,15 @@ def main() -> None:
             accuracy, distance = score_images(net, real, images, labels)
         else:
             accuracy, distance, images = class_scores(
-                net, real, checkpoint, per_class=args.per_class, cfg_scale=args.cfg_scale,
-                sampler=args.sampler, steps=args.steps, seed=args.seed,
-            )  # fmt: skip
+                net,
+                real,
+                checkpoint,
+                per_class=args.per_class,
+                cfg_scale=args.cfg_scale,
+                sampler=args.sampler,
+                steps=args.steps,
+                seed=args.seed,
+            )
         print(header)
         for name, values, fmt in (("accuracy", accuracy, "7.2f"), ("class FD", distance, "7.1f")):
             mean = float(np.nanmean(values))
@@ -185,24 +205,35 @@ def main() -> None:
                 + format(mean, fmt)
             )
         if args.grid:
-            save_image(images[:: max(1, args.per_class // 8)].add(1).div(2), args.grid / (Path(checkpoint).parent.parent.name + ".png"), nrow=8)  # fmt: skip
-        rows.append({
-            "checkpoint": checkpoint,
-            "class_accuracy": dict(zip(CLASS_NAMES, accuracy, strict=True)),
-            "class_fd": dict(zip(CLASS_NAMES, distance, strict=True)),
-            "mean_accuracy": float(np.nanmean(accuracy)),
-            "mean_class_fd": float(np.nanmean(distance)),
-        })  # fmt: skip
+            save_image(
+                images[:: max(1, args.per_class // 8)].add(1).div(2),
+                args.grid / (Path(checkpoint).parent.parent.name + ".png"),
+                nrow=8,
+            )
+        rows.append(
+            {
+                "checkpoint": checkpoint,
+                "class_accuracy": dict(zip(CLASS_NAMES, accuracy, strict=True)),
+                "class_fd": dict(zip(CLASS_NAMES, distance, strict=True)),
+                "mean_accuracy": float(np.nanmean(accuracy)),
+                "mean_class_fd": float(np.nanmean(distance)),
+            }
+        )
     if args.json:
         result = {
             "machine": platform.processor() or platform.machine(),
             "classifier_test_accuracy": test_accuracy,
-            "sampling": "saved samples" if args.samples else {
-                "per_class": args.per_class, "cfg_scale": args.cfg_scale, "sampler": args.sampler,
-                "steps": args.steps, "seed": args.seed,
+            "sampling": "saved samples"
+            if args.samples
+            else {
+                "per_class": args.per_class,
+                "cfg_scale": args.cfg_scale,
+                "sampler": args.sampler,
+                "steps": args.steps,
+                "seed": args.seed,
             },
             "runs": rows,
-        }  # fmt: skip
+        }
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 

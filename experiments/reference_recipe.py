@@ -35,8 +35,13 @@ from torch import Tensor, nn
 
 # The reference's sizes (its DiT_models table; DiT-Ti is ditlab's CPU size, for small benchmarks):
 # name -> (depth, hidden size, heads).
-SIZES = {"DiT-S": (12, 384, 6), "DiT-B": (12, 768, 12), "DiT-L": (24, 1024, 16), "DiT-XL": (28, 1152, 16),
-         "DiT-Ti": (4, 192, 3)}  # fmt: skip
+SIZES = {
+    "DiT-S": (12, 384, 6),
+    "DiT-B": (12, 768, 12),
+    "DiT-L": (24, 1024, 16),
+    "DiT-XL": (28, 1152, 16),
+    "DiT-Ti": (4, 192, 3),
+}
 
 
 def space_timesteps(num_timesteps: int, section_counts: str) -> set[int]:

@@ -52,13 +52,29 @@ def sample(cfg: DictConfig) -> None:
             f"guidance on {'all' if guided is None else guided} channels; {world_size} rank(s), {device}"
         )
     written = generate(
-        loaded, cfg.out or Path("samples") / name,
-        labels=labels, num_samples=cfg.num_samples, cfg_scale=cfg.cfg_scale, guidance_channels=guided,
-        sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, seed=cfg.seed, batch_size=cfg.batch_size,
-        precision=cfg.precision, device=device, rank=rank, world_size=world_size, npz=cfg.npz, png=cfg.png,
-        png_images=None if labels else 64, png_nrow=cfg.per_class if labels else 8,
-        keep_parts=cfg.keep_parts, progress=cfg.progress, job={"ckpt": str(cfg.ckpt), "use_ema": cfg.use_ema},
-    )  # fmt: skip
+        loaded,
+        cfg.out or Path("samples") / name,
+        labels=labels,
+        num_samples=cfg.num_samples,
+        cfg_scale=cfg.cfg_scale,
+        guidance_channels=guided,
+        sampler=cfg.sampler,
+        steps=cfg.steps,
+        eta=cfg.eta,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        precision=cfg.precision,
+        device=device,
+        rank=rank,
+        world_size=world_size,
+        npz=cfg.npz,
+        png=cfg.png,
+        png_images=None if labels else 64,
+        png_nrow=cfg.per_class if labels else 8,
+        keep_parts=cfg.keep_parts,
+        progress=cfg.progress,
+        job={"ckpt": str(cfg.ckpt), "use_ema": cfg.use_ema},
+    )
     for kind, path in written.items():
         print(f"{kind}: {path}")
 

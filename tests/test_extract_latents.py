@@ -225,8 +225,12 @@ def test_command_line(tmp_path, reference, fashion_root, tiny_vae_dir):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     result = subprocess.run(
         [sys.executable, str(ROOT / "src" / "extract_latents.py"), *args],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert f"data=latents data.path={path} autoencoder=sd_vae autoencoder.pretrained=" in result.stdout
     for cli, api in zip(load(path), load(reference_path), strict=True):

@@ -28,9 +28,17 @@ TINY = ["debug=tiny", "~callbacks.fid", "logger=none"]
 def run(script: str, *args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
     return subprocess.run(
-        [sys.executable, *([str(ROOT / "src" / script)] if script.endswith(".py") else ["-m", script]), *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+        [
+            sys.executable,
+            *([str(ROOT / "src" / script)] if script.endswith(".py") else ["-m", script]),
+            *args,
+        ],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def train(tmp_path: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -119,8 +127,14 @@ def test_a_failing_end_of_run_callback_keeps_the_final_checkpoint(tmp_path):
 @needs_fashion_mnist
 def test_kill_9_after_a_time_based_checkpoint_loses_at_most_the_interval(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    args = [sys.executable, str(ROOT / "src" / "train.py"), *TINY, "optim.max_steps=1000000",
-            "callbacks.checkpointing.every_minutes=0.02", f"hydra.run.dir={tmp_path}"]  # fmt: skip
+    args = [
+        sys.executable,
+        str(ROOT / "src" / "train.py"),
+        *TINY,
+        "optim.max_steps=1000000",
+        "callbacks.checkpointing.every_minutes=0.02",
+        f"hydra.run.dir={tmp_path}",
+    ]
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = tmp_path / "checkpoints" / "last.ckpt"
     try:
@@ -280,9 +294,17 @@ def image_folder_with_a_corrupt_png(root: Path) -> Path:
 @pytest.mark.parametrize("skip", [False, True])
 def test_a_corrupt_image_is_named_or_skipped_and_counted(tmp_path, skip):
     bad = image_folder_with_a_corrupt_png(tmp_path / "images")
-    args = [*TINY, "data=image_folder", f"data.root={tmp_path}/images", "data.image_size=32",
-            "data.num_workers=0", "data.limit_train_samples=null", "optim.max_steps=3", "optim.global_batch_size=16",
-            f"data.skip_corrupt_images={str(skip).lower()}"]  # fmt: skip
+    args = [
+        *TINY,
+        "data=image_folder",
+        f"data.root={tmp_path}/images",
+        "data.image_size=32",
+        "data.num_workers=0",
+        "data.limit_train_samples=null",
+        "optim.max_steps=3",
+        "optim.global_batch_size=16",
+        f"data.skip_corrupt_images={str(skip).lower()}",
+    ]
     proc = train(tmp_path / "run", *args)
     if skip:
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -343,8 +365,15 @@ def test_fast_dev_run_sweep_skips_fid_and_grids(tmp_path):
     """`-m patch=2,4,8 ++trainer.fast_dev_run=true` with the default callbacks (a 500-sample FID each):
     three jobs in well under 3 minutes, no FID, no grid."""
     start = time.monotonic()
-    proc = run("train.py", "-m", "patch=2,4,8", "++trainer.fast_dev_run=true", "logger=none",
-               f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)  # fmt: skip
+    proc = run(
+        "train.py",
+        "-m",
+        "patch=2,4,8",
+        "++trainer.fast_dev_run=true",
+        "logger=none",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert time.monotonic() - start < 180
     runs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())

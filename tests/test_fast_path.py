@@ -151,9 +151,15 @@ def train_losses(module_cls: type[DiTModule], precision: str, steps: int = 30) -
     module = module_cls(model, create_diffusion(), torch.nn.Identity(), lr=1e-3)
     trace = LossTrace()
     trainer = L.Trainer(
-        max_steps=steps, accelerator="cpu", precision=precision, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[trace],
-    )  # fmt: skip
+        max_steps=steps,
+        accelerator="cpu",
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[trace],
+    )
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -259,15 +265,24 @@ def test_gpu_bench_smoke_runs_the_whole_plan(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
     result = subprocess.run(
         ["bash", str(ROOT / "experiments" / "gpu_bench.sh"), "--smoke"],
-        env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
     tags = {record["config"]["tag"] for record in records}
     assert tags == {
-        "train-xl2-b32", "train-xl2-best", "sample-xl2", "train-b2", "train-s2",
-        "blocks-xl2-adaln", "blocks-xl2-in_context", "blocks-xl2-cross_attention",
-    }  # fmt: skip
+        "train-xl2-b32",
+        "train-xl2-best",
+        "sample-xl2",
+        "train-b2",
+        "train-s2",
+        "blocks-xl2-adaln",
+        "blocks-xl2-in_context",
+        "blocks-xl2-cross_attention",
+    }
     rows = [r for record in records for r in record["rows"]]
     assert rows and all("error" not in r and r["img_s"] > 0 for r in rows)
     sample = next(r for r in rows if r["kind"] == "sample" and r["mode"] == "ours-bf16-compile")

@@ -55,7 +55,11 @@ def test_guided_ddpm_and_ddim_samples_are_unchanged(setup, respacing):
     gen = torch.Generator().manual_seed(2)
     start = torch.randn(3, 1, 8, 8, generator=gen, dtype=torch.float64)
     out = loop(
-        cfg_model_fn(model, 2.0, null_class=3), (3, 1, 8, 8), start,
-        model_kwargs={"y": torch.tensor([0, 1, 2])}, generator=gen, device="cpu",
-    )  # fmt: skip
+        cfg_model_fn(model, 2.0, null_class=3),
+        (3, 1, 8, 8),
+        start,
+        model_kwargs={"y": torch.tensor([0, 1, 2])},
+        generator=gen,
+        device="cpu",
+    )
     assert (out.sum().item(), out.abs().sum().item()) == pytest.approx(SAMPLES[respacing], rel=1e-9)

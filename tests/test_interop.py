@@ -61,9 +61,14 @@ def save_ditlab_ckpt(path: Path, model: DiT, ema: DiT, **header) -> Path:
         "coordinates": {"block": "adaln_zero"},
         "diffusion": TRAINED_DIFFUSION,
         "autoencoder": TRAINED_PIXELS,
-        "data": {"name": "toy", "num_classes": model.num_classes, "image_size": model.input_size,
-                 "channels": model.in_channels, "class_names": [f"c{i}" for i in range(model.num_classes)]},
-    } | header  # fmt: skip
+        "data": {
+            "name": "toy",
+            "num_classes": model.num_classes,
+            "image_size": model.input_size,
+            "channels": model.in_channels,
+            "class_names": [f"c{i}" for i in range(model.num_classes)],
+        },
+    } | header
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     state |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
     torch.save(
@@ -235,8 +240,11 @@ def test_unknown_files_get_a_list_of_supported_formats(tmp_path):
     torch.save([torch.zeros(1)], tmp_path / "list.pt")
     torch.save({"weights": torch.zeros(1)}, tmp_path / "dict.pt")
     torch.save({"state_dict": {"model.a": torch.zeros(1)}}, tmp_path / "lightning.ckpt")
-    for name, message in [("list.pt", "not a checkpoint dict"), ("dict.pt", "unknown structure"),
-                          ("lightning.ckpt", "without a 'ditlab' header")]:  # fmt: skip
+    for name, message in [
+        ("list.pt", "not a checkpoint dict"),
+        ("dict.pt", "unknown structure"),
+        ("lightning.ckpt", "without a 'ditlab' header"),
+    ]:
         with pytest.raises(ValueError, match=message + ".*supported formats"):
             load_dit(tmp_path / name)
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -298,8 +306,17 @@ def test_diffusers_transformer_matches_both_ways():
 
 def test_diffusers_random_model_imports_exactly():
     torch.manual_seed(0)
-    theirs = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
-                                   num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_eps=1e-6)  # fmt: skip
+    theirs = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+        norm_eps=1e-6,
+    )
     with torch.no_grad():
         for p in theirs.parameters():
             p.normal_(0, 0.1)
@@ -329,9 +346,16 @@ def test_scheduler_has_our_noise_schedule(schedule):
 @pytest.fixture(scope="module")
 def tiny_vae_dir(tmp_path_factory):
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                        norm_num_groups=8, sample_size=16)  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    )
     folder = tmp_path_factory.mktemp("vae") / "tiny-vae"
     vae.save_pretrained(folder)
     return folder
@@ -355,8 +379,13 @@ def test_exported_pipeline_samples_like_ditlab_ddim(tmp_path, tiny_vae_dir):
     pipe = load_diffusers_pipeline(folder)
     assert pipe.vae.config.scaling_factor == 0.5 and pipe.labels["class 7"] == 7
     labels, noise = [1, 7], torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    images = pipe(labels, guidance_scale=3.0, num_inference_steps=4, generator=torch.Generator().manual_seed(0),
-                  output_type="pt").images  # fmt: skip
+    images = pipe(
+        labels,
+        guidance_scale=3.0,
+        num_inference_steps=4,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
 
     diffusion = create_diffusion("ddim4")
     guided = cfg_model_fn(model, 3.0, null_class=1000)  # the pipeline guides all channels
@@ -482,8 +511,16 @@ def test_generate_decodes_latents_with_the_checkpoint_vae(tmp_path, tiny_vae_dir
     images = read_npz(generate(loaded, tmp_path / "fp32", **common)["npz"])[0]
     assert images.shape == (2, 16, 16, 3)
 
-    z, _ = sample(model, create_diffusion(), image_generators(0, range(2), "cpu"), (4, 8, 8),
-                  labels=torch.tensor([3, 999]), sampler="ddim", steps=3, cfg_scale=1.5)  # fmt: skip
+    z, _ = sample(
+        model,
+        create_diffusion(),
+        image_generators(0, range(2), "cpu"),
+        (4, 8, 8),
+        labels=torch.tensor([3, 999]),
+        sampler="ddim",
+        steps=3,
+        cfg_scale=1.5,
+    )
     vae = AutoencoderKL.from_pretrained(tiny_vae_dir)
     with torch.no_grad():
         expected = to_uint8_rgb(vae.decode(z / 0.5).sample.clamp(-1, 1)).numpy()

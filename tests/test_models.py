@@ -11,11 +11,19 @@ from ditlab.models.embeddings import sincos_pos_embed_2d
 
 # Paper Table 4: (params in millions, forward Gflops) at 32×32×4, 1000 classes, learned sigma.
 TABLE_4 = {
-    "DiT-S/8": (33.1, 0.36), "DiT-S/4": (32.9, 1.41), "DiT-S/2": (33.0, 6.06),
-    "DiT-B/8": (130.9, 1.42), "DiT-B/4": (130.5, 5.56), "DiT-B/2": (130.5, 23.01),
-    "DiT-L/8": (458.6, 5.01), "DiT-L/4": (458.1, 19.70), "DiT-L/2": (458.1, 80.71),
-    "DiT-XL/8": (675.7, 7.39), "DiT-XL/4": (675.1, 29.05), "DiT-XL/2": (675.1, 118.64),
-}  # fmt: skip
+    "DiT-S/8": (33.1, 0.36),
+    "DiT-S/4": (32.9, 1.41),
+    "DiT-S/2": (33.0, 6.06),
+    "DiT-B/8": (130.9, 1.42),
+    "DiT-B/4": (130.5, 5.56),
+    "DiT-B/2": (130.5, 23.01),
+    "DiT-L/8": (458.6, 5.01),
+    "DiT-L/4": (458.1, 19.70),
+    "DiT-L/2": (458.1, 80.71),
+    "DiT-XL/8": (675.7, 7.39),
+    "DiT-XL/4": (675.1, 29.05),
+    "DiT-XL/2": (675.1, 118.64),
+}
 BLOCK_ABLATION_GFLOPS = {
     "in_context": 119.37,
     "cross_attention": 137.62,
@@ -64,12 +72,19 @@ def test_reference_state_dict_keys():
     sd = meta_model("DiT-XL/2").state_dict()
     top = {k for k in sd if not k.startswith("blocks.")}
     assert top == {
-        "pos_embed", "x_embedder.proj.weight", "x_embedder.proj.bias",
-        "t_embedder.mlp.0.weight", "t_embedder.mlp.0.bias", "t_embedder.mlp.2.weight", "t_embedder.mlp.2.bias",
+        "pos_embed",
+        "x_embedder.proj.weight",
+        "x_embedder.proj.bias",
+        "t_embedder.mlp.0.weight",
+        "t_embedder.mlp.0.bias",
+        "t_embedder.mlp.2.weight",
+        "t_embedder.mlp.2.bias",
         "y_embedder.embedding_table.weight",
-        "final_layer.linear.weight", "final_layer.linear.bias",
-        "final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias",
-    }  # fmt: skip
+        "final_layer.linear.weight",
+        "final_layer.linear.bias",
+        "final_layer.adaLN_modulation.1.weight",
+        "final_layer.adaLN_modulation.1.bias",
+    }
     block0 = {k.removeprefix("blocks.0.") for k in sd if k.startswith("blocks.0.")}
     assert block0 == {
         f"{m}.{p}"
@@ -228,8 +243,11 @@ def test_a_new_block_is_one_registered_class():
         model = build_dit("DiT-Ti/8", "test_prenorm_only", input_size=16)
         assert isinstance(model.blocks[0], PreNormMLPBlock)
         assert model(torch.randn(2, 4, 16, 16), torch.zeros(2), torch.zeros(2, dtype=torch.long)).shape == (
-            2, 8, 16, 16,
-        )  # fmt: skip
+            2,
+            8,
+            16,
+            16,
+        )
         with pytest.raises(ValueError, match="already registered"):
             register_block("test_prenorm_only")(PreNormMLPBlock)
     finally:

@@ -23,11 +23,21 @@ def test_a_users_block_size_sampler_and_dataset_train_and_sample(tmp_path):
         "PYTHONPATH": f"{PLUGINS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
     }
     args = [
-        sys.executable, str(ROOT / "src" / "train.py"), f"hydra.searchpath=[file://{PLUGINS / 'conf'}]",
-        "block=film", "model=DiT-Pico", "sampler=ddim_noisy", "data=stripes", "patch=4",
-        "debug=tiny", "~callbacks.fid", "logger=none", "optim.max_steps=2", "callbacks.sample_grid.steps=3",
+        sys.executable,
+        str(ROOT / "src" / "train.py"),
+        f"hydra.searchpath=[file://{PLUGINS / 'conf'}]",
+        "block=film",
+        "model=DiT-Pico",
+        "sampler=ddim_noisy",
+        "data=stripes",
+        "patch=4",
+        "debug=tiny",
+        "~callbacks.fid",
+        "logger=none",
+        "optim.max_steps=2",
+        "callbacks.sample_grid.steps=3",
         f"hydra.run.dir={tmp_path}",
-    ]  # fmt: skip
+    ]
     proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)

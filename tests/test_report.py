@@ -25,11 +25,19 @@ CONF = ROOT / "conf"
 
 # The paper's Table 4 (params M, Gflops, FID-50K at 400K steps) and block ablation (XL/2).
 PAPER_TABLE4 = {
-    ("DiT-S", 8): (33.1, 0.36, 153.60), ("DiT-S", 4): (32.9, 1.41, 100.41), ("DiT-S", 2): (33.0, 6.06, 68.40),
-    ("DiT-B", 8): (130.9, 1.42, 122.74), ("DiT-B", 4): (130.5, 5.56, 68.38), ("DiT-B", 2): (130.5, 23.01, 43.47),
-    ("DiT-L", 8): (458.6, 5.01, 118.87), ("DiT-L", 4): (458.1, 19.70, 45.64), ("DiT-L", 2): (458.1, 80.71, 23.33),
-    ("DiT-XL", 8): (675.7, 7.39, 106.41), ("DiT-XL", 4): (675.1, 29.05, 43.01), ("DiT-XL", 2): (675.1, 118.64, 19.47),
-}  # fmt: skip
+    ("DiT-S", 8): (33.1, 0.36, 153.60),
+    ("DiT-S", 4): (32.9, 1.41, 100.41),
+    ("DiT-S", 2): (33.0, 6.06, 68.40),
+    ("DiT-B", 8): (130.9, 1.42, 122.74),
+    ("DiT-B", 4): (130.5, 5.56, 68.38),
+    ("DiT-B", 2): (130.5, 23.01, 43.47),
+    ("DiT-L", 8): (458.6, 5.01, 118.87),
+    ("DiT-L", 4): (458.1, 19.70, 45.64),
+    ("DiT-L", 2): (458.1, 80.71, 23.33),
+    ("DiT-XL", 8): (675.7, 7.39, 106.41),
+    ("DiT-XL", 4): (675.1, 29.05, 43.01),
+    ("DiT-XL", 2): (675.1, 118.64, 19.47),
+}
 PAPER_BLOCKS = {
     "in_context": (119.37, 35.24),
     "cross_attention": (137.62, 26.14),
@@ -212,9 +220,13 @@ def test_block_ablation_gives_a_block_table(tmp_path):
 def seeded_campaign(folder: Path) -> Path:
     """A patch sweep and a block comparison, two seeds each, as cpu_design_space writes them."""
     fids = {  # (block, patch) -> FID of seed 0, seed 1
-        ("adaln_zero", 8): (200.0, 210.0), ("adaln_zero", 4): (150.0, 146.0), ("adaln_zero", 2): (120.0, 124.0),
-        ("in_context", 4): (170.0, 180.0), ("cross_attention", 4): (160.0, 158.0), ("adaln", 4): (155.0, 157.0),
-    }  # fmt: skip
+        ("adaln_zero", 8): (200.0, 210.0),
+        ("adaln_zero", 4): (150.0, 146.0),
+        ("adaln_zero", 2): (120.0, 124.0),
+        ("in_context", 4): (170.0, 180.0),
+        ("cross_attention", 4): (160.0, 158.0),
+        ("adaln", 4): (155.0, 157.0),
+    }
     gflops = {8: 0.03, 4: 0.12, 2: 0.49}
     docs = [
         record(b, "DiT-Ti", p, 2.8, gflops[p] * (1.1 if b == "cross_attention" else 1), fid, seed)
@@ -314,8 +326,12 @@ def run_report_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
     return subprocess.run(
         [sys.executable, str(ROOT / "src" / "report.py"), *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_command_line_writes_the_report_and_explains_a_missing_folder(table4_folder, tmp_path):
@@ -493,17 +509,31 @@ def test_a_real_multirun_launches_the_presets_grid(tmp_path):
     """Hydra's own sweeper reads the preset's hydra.sweeper.params: 4 runs, one folder each (tiny and
     one step each, on CPU)."""
     tiny = [
-        "trainer=cpu", "model=DiT-Ti", "+net.depth=1", "patch=8", "data.limit_train_samples=64",
-        "optim.global_batch_size=8", "optim.max_steps=1", "logger=csv", "callbacks.sample_grid.steps=2",
-        "callbacks.sample_grid.per_class=1", "callbacks.sample_grid.max_classes=2",
-        "callbacks.sample_grid.every_n_steps=0", "~callbacks.fid", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-    ]  # fmt: skip
+        "trainer=cpu",
+        "model=DiT-Ti",
+        "+net.depth=1",
+        "patch=8",
+        "data.limit_train_samples=64",
+        "optim.global_batch_size=8",
+        "optim.max_steps=1",
+        "logger=csv",
+        "callbacks.sample_grid.steps=2",
+        "callbacks.sample_grid.per_class=1",
+        "callbacks.sample_grid.max_classes=2",
+        "callbacks.sample_grid.every_n_steps=0",
+        "~callbacks.fid",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
     # No FID: the preset's FID-10K with the TF Inception would take hours on a CPU.
     env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "src" / "train.py"), "-m", "experiment=fmnist_block_ablation", *tiny],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
     assert runs == [f"{i}_{b}-DiT-Ti-p8" for i, b in enumerate(BLOCKS)]

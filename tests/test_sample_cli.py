@@ -73,8 +73,17 @@ def test_cli_class_grid_and_npz_match_the_library(tmp_path, ckpt):
     assert Image.open(tmp_path / "grid.png").size == (3 * 10 + 2, 2 * 10 + 2)  # a row per class, padding 2
     assert not (tmp_path / "grid.parts").exists()
 
-    expected = generate(load_dit(ckpt), tmp_path / "lib", labels=labels.tolist(), steps=3, seed=5, cfg_scale=2.0,
-                        batch_size=6, png=False, progress=False)  # fmt: skip
+    expected = generate(
+        load_dit(ckpt),
+        tmp_path / "lib",
+        labels=labels.tolist(),
+        steps=3,
+        seed=5,
+        cfg_scale=2.0,
+        batch_size=6,
+        png=False,
+        progress=False,
+    )
     np.testing.assert_array_equal(read_npz(expected["npz"])[0], images)
 
 

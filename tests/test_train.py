@@ -141,10 +141,15 @@ def test_resume_reproduces_the_loss_curve(tmp_path):
 @needs_fashion_mnist
 def test_patch_sweep_gives_one_run_per_point(tmp_path):
     proc = run_train(
-        tmp_path, "-m", "patch=2,4,8", *TINY, "trainer.max_steps=1",
-        f"hydra.sweep.dir={tmp_path}/sweep", "logger=wandb",
+        tmp_path,
+        "-m",
+        "patch=2,4,8",
+        *TINY,
+        "trainer.max_steps=1",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        "logger=wandb",
         env={"WANDB_MODE": "offline", "HOME": str(tmp_path), "WANDB_API_KEY": ""},
-    )  # fmt: skip
+    )
     runs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir() and not p.name.startswith("."))
     assert runs == ["0_adaln_zero-DiT-Ti-p2", "1_adaln_zero-DiT-Ti-p4", "2_adaln_zero-DiT-Ti-p8"]
     for run in runs:
@@ -186,8 +191,15 @@ def test_resuming_with_another_model_is_refused_clearly(tmp_path):
 @needs_fashion_mnist
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    args = [sys.executable, str(ROOT / "src" / "train.py"), *TINY, "trainer.max_steps=100000", "logger=none",
-            "callbacks.checkpointing.every_n_steps=100000", f"hydra.run.dir={tmp_path}"]  # fmt: skip
+    args = [
+        sys.executable,
+        str(ROOT / "src" / "train.py"),
+        *TINY,
+        "trainer.max_steps=100000",
+        "logger=none",
+        "callbacks.checkpointing.every_n_steps=100000",
+        f"hydra.run.dir={tmp_path}",
+    ]
     proc = subprocess.Popen(
         args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -233,9 +245,14 @@ def test_nonfinite_losses_are_skipped_then_abort():
     module = DiTModule(model, create_diffusion(), torch.nn.Identity(), max_nonfinite_steps=3)
     before = [p.detach().clone() for p in model.parameters()]
     trainer = L.Trainer(
-        max_steps=10, log_every_n_steps=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-    )  # fmt: skip
+        max_steps=10,
+        log_every_n_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     with pytest.raises(RuntimeError, match="NaN/inf for 3 steps in a row"):
         trainer.fit(module, DataLoader(NaNImages(), batch_size=8))
     assert int(module.nonfinite_total) == 3  # aborted at the third bad step in a row
@@ -280,9 +297,15 @@ def test_two_process_ddp_matches_one_process(tmp_path):
 def test_multirun_with_two_process_ddp_gives_exactly_two_runs(tmp_path):
     sweep = tmp_path / "sweep"
     run_train(
-        tmp_path, "-m", "patch=4,8", *TINY, "trainer=ddp_cpu",
-        "trainer.max_steps=1", "logger=csv", f"hydra.sweep.dir={sweep}",
-    )  # fmt: skip
+        tmp_path,
+        "-m",
+        "patch=4,8",
+        *TINY,
+        "trainer=ddp_cpu",
+        "trainer.max_steps=1",
+        "logger=csv",
+        f"hydra.sweep.dir={sweep}",
+    )
     runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert runs == ["0_adaln_zero-DiT-Ti-p4", "1_adaln_zero-DiT-Ti-p8"]  # no job re-launched the sweep
     for run in runs:
@@ -294,8 +317,14 @@ def test_multirun_with_two_process_ddp_gives_exactly_two_runs(tmp_path):
 
 @needs_fashion_mnist
 def test_fid_is_logged_and_recorded_for_the_report(tmp_path):
-    fid = ["callbacks.fid.num_samples=20", "callbacks.fid.num_reference_images=30", "callbacks.fid.steps=2",
-           "callbacks.fid.batch_size=10", "callbacks.fid.every_n_steps=1", f"callbacks.fid.cache_dir={tmp_path}/cache"]  # fmt: skip
+    fid = [
+        "callbacks.fid.num_samples=20",
+        "callbacks.fid.num_reference_images=30",
+        "callbacks.fid.steps=2",
+        "callbacks.fid.batch_size=10",
+        "callbacks.fid.every_n_steps=1",
+        f"callbacks.fid.cache_dir={tmp_path}/cache",
+    ]
     proc = run_train(tmp_path, "debug=tiny", *fid, "trainer.max_steps=2", "logger=csv")
     record = json.loads((tmp_path / "results.json").read_text())
     assert record["coordinates"] == {"block": "adaln_zero", "model": "DiT-Ti", "patch": 8}
@@ -314,11 +343,23 @@ def test_fid_is_logged_and_recorded_for_the_report(tmp_path):
 @needs_fashion_mnist
 def test_sigterm_during_the_final_fid_skips_it_and_exits_cleanly(tmp_path):
     """Pre-emption must not wait for an FID: 100K samples would take hours here; the run ends at once."""
-    fid = ["callbacks.fid.num_samples=100000", "callbacks.fid.num_reference_images=20", "callbacks.fid.steps=2",
-           "callbacks.fid.batch_size=10", f"callbacks.fid.cache_dir={tmp_path}/cache"]  # fmt: skip
+    fid = [
+        "callbacks.fid.num_samples=100000",
+        "callbacks.fid.num_reference_images=20",
+        "callbacks.fid.steps=2",
+        "callbacks.fid.batch_size=10",
+        f"callbacks.fid.cache_dir={tmp_path}/cache",
+    ]
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    args = [sys.executable, str(ROOT / "src" / "train.py"), "debug=tiny", *fid, "trainer.max_steps=2", "logger=none",
-            f"hydra.run.dir={tmp_path}"]  # fmt: skip
+    args = [
+        sys.executable,
+        str(ROOT / "src" / "train.py"),
+        "debug=tiny",
+        *fid,
+        "trainer.max_steps=2",
+        "logger=none",
+        f"hydra.run.dir={tmp_path}",
+    ]
     proc = subprocess.Popen(
         args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -340,8 +381,16 @@ def test_init_from_starts_model_and_ema_from_the_checkpoint_weights(tmp_path):
     run_train(tmp_path / "a", *TINY, "trainer.max_steps=2", "logger=none", f"hydra.run.dir={tmp_path}/a")
     source = model_weights(tmp_path / "a")
     # lr 1e-30: the step leaves the weights where init_from put them (the source's EMA weights by default).
-    run_train(tmp_path / "b", *TINY, "trainer.max_steps=1", "logger=none", "optim.lr=1e-30", "seed=7",
-              f"init_from={tmp_path}/a/checkpoints/last.ckpt", f"hydra.run.dir={tmp_path}/b")  # fmt: skip
+    run_train(
+        tmp_path / "b",
+        *TINY,
+        "trainer.max_steps=1",
+        "logger=none",
+        "optim.lr=1e-30",
+        "seed=7",
+        f"init_from={tmp_path}/a/checkpoints/last.ckpt",
+        f"hydra.run.dir={tmp_path}/b",
+    )
     started = model_weights(tmp_path / "b")
     for key, value in source.items():
         if key.startswith("ema."):

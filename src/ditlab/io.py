@@ -4,10 +4,11 @@ The bottom layer of ditlab: it imports nothing of ditlab, and every module that 
 checkpoint or a cache entry, or reads a `.pt`/`.ckpt`, goes through it.
 """
 
+import contextlib
 import errno
 import os
 import pickle
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -25,23 +26,30 @@ def cache_folder(sub: str = "") -> Path:
     return Path(root).expanduser() / sub
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], *, fsync: bool = False) -> Path:
-    """`write(f)` into a temporary file beside `path`, then renamed over it: readers see the old file or
-    the new one, never half of one, and a failed write (a full disk, a kill) leaves the old file as it was.
-    `fsync` flushes the data to the disk before the rename (checkpoints: survive a power cut)."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` for a writer that wants a file name (an image, a zip, a memory map, a
+    download): renamed over `path` when the block ends, removed when it raises. Readers see the old file
+    or the new one, never half of one; a failed write (a full disk, a kill) leaves the old file as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], *, fsync: bool = False) -> Path:
+    """`write(f)` into a temporary file beside `path`, then renamed over it (see `atomic_path`). `fsync`
+    flushes the data to the disk before the rename (checkpoints: they survive a power cut)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    return Path(path)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

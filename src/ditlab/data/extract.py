@@ -11,7 +11,6 @@ The rank that finishes the last chunk marks the manifest complete.
 
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from tqdm import tqdm
 from ditlab.autoencoders import Autoencoder
 from ditlab.data.base import ImageDataModule
 from ditlab.data.latents import CHUNKS, FORMAT, LABELS, LATENTS, MANIFEST, read_manifest
+from ditlab.io import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +33,15 @@ PROGRESS_KEYS = ("done_chunks", "complete")
 
 
 def write_json_atomic(file: Path, data: dict[str, Any]) -> None:
-    tmp = file.with_name(f".tmp-{file.name}-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, file)
+    atomic_write_text(file, json.dumps(data, indent=2) + "\n")
 
 
 def _create_npy(file: Path, shape: tuple[int, ...], dtype: str) -> None:
     """Preallocate an .npy file under a temporary name and move it into place whole."""
-    tmp = file.with_name(f".tmp-{file.name}-{os.getpid()}")
-    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
-    array.flush()
-    del array
-    os.replace(tmp, file)
+    with atomic_path(file) as tmp:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        array.flush()
+        del array
 
 
 def _create_folder(path: Path, plan: dict[str, Any]) -> None:

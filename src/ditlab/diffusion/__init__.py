@@ -43,8 +43,11 @@ def create_diffusion(
     with "250"."""
     diffusion = GaussianDiffusion(
         make_betas(noise_schedule, diffusion_steps),
-        learn_sigma=learn_sigma, fixed_variance=fixed_variance, predict=predict, loss=loss,
-    )  # fmt: skip
+        learn_sigma=learn_sigma,
+        fixed_variance=fixed_variance,
+        predict=predict,
+        loss=loss,
+    )
     if timestep_respacing in (None, ""):
         return diffusion
     return diffusion.respace(timestep_respacing)

@@ -424,9 +424,17 @@ class GaussianDiffusion(nn.Module):
         `sample` and `pred_xstart`. `clip_denoised` is for pixel data in [-1, 1]; leave it off for
         latents (the reference samples latents unclipped)."""
         return self._loop(
-            self.p_sample, model_fn, shape, noise, device, generator, progress,
-            model_kwargs=model_kwargs, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-        )  # fmt: skip
+            self.p_sample,
+            model_fn,
+            shape,
+            noise,
+            device,
+            generator,
+            progress,
+            model_kwargs=model_kwargs,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+        )
 
     def p_sample_loop(
         self, model_fn: ModelFn, shape: tuple[int, ...], noise: Tensor | None = None, **kwargs
@@ -451,9 +459,18 @@ class GaussianDiffusion(nn.Module):
     ) -> Iterator[dict[str, Tensor]]:
         """DDIM sampling over this process's steps (respace it first for fewer), yielding each step."""
         return self._loop(
-            self.ddim_sample, model_fn, shape, noise, device, generator, progress,
-            model_kwargs=model_kwargs, clip_denoised=clip_denoised, denoised_fn=denoised_fn, eta=eta,
-        )  # fmt: skip
+            self.ddim_sample,
+            model_fn,
+            shape,
+            noise,
+            device,
+            generator,
+            progress,
+            model_kwargs=model_kwargs,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            eta=eta,
+        )
 
     def ddim_sample_loop(
         self, model_fn: ModelFn, shape: tuple[int, ...], noise: Tensor | None = None, **kwargs

@@ -48,9 +48,15 @@ class Sampler:
         raise NotImplementedError
 
     def step(
-        self, process: GaussianDiffusion, model_fn: ModelFn, x: Tensor, t: Tensor, noise: Tensor | None,
-        model_kwargs: dict[str, Any], clip_denoised: bool,
-    ) -> Tensor:  # fmt: skip
+        self,
+        process: GaussianDiffusion,
+        model_fn: ModelFn,
+        x: Tensor,
+        t: Tensor,
+        noise: Tensor | None,
+        model_kwargs: dict[str, Any],
+        clip_denoised: bool,
+    ) -> Tensor:
         raise NotImplementedError
 
 

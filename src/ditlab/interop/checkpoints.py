@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ditlab.autoencoders import SDVAE, Autoencoder, IdentityAutoencoder
-from ditlab.io import CheckpointFileError, cache_folder, load_torch_file
+from ditlab.io import CheckpointFileError, atomic_path, cache_folder, load_torch_file
 from ditlab.models import BLOCKS, DIT_SIZES, PATCH_SIZES, DiT, parse_model_name
 from ditlab.models.embeddings import sincos_pos_embed_2d
 
@@ -123,12 +123,16 @@ def _shape_config(state_dict: dict[str, Tensor]) -> dict[str, Any]:
         raise ValueError("no pos_embed in the weights: the input size cannot be inferred")
     fc1 = state_dict.get("blocks.0.mlp.fc1.weight")  # (mlp_ratio·d, d) in every registered block
     return dict(
-        input_size=input_size, patch_size=patch, in_channels=in_channels, hidden_size=hidden, depth=depth,
+        input_size=input_size,
+        patch_size=patch,
+        in_channels=in_channels,
+        hidden_size=hidden,
+        depth=depth,
         mlp_ratio=fc1.shape[0] / hidden if fc1 is not None else 4.0,
         num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,  # row num_classes: null
         learn_sigma=out_channels == 2 * in_channels,
         class_dropout_prob=0.1,  # not in the weights: the paper's
-    )  # fmt: skip
+    )
 
 
 def _meta_state_shapes(config: dict[str, Any]) -> dict[str, torch.Size]:
@@ -232,17 +236,14 @@ def resolve_checkpoint(path_or_name: str | os.PathLike, cache_dir: str | os.Path
     if target.is_file():
         return target
     url = RELEASED_URL.format(name=path.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        torch.hub.download_url_to_file(url, str(tmp), progress=True)
+    try:  # atomic: an interrupted download never leaves a truncated checkpoint
+        with atomic_path(target) as tmp:
+            torch.hub.download_url_to_file(url, str(tmp), progress=True)
     except OSError as err:  # URLError, timeouts and refused connections are all OSErrors
-        tmp.unlink(missing_ok=True)
         raise FileNotFoundError(
             f"{path.name} is not a local file and could not be downloaded from {url} ({err}); download it "
             f"and pass the local path (e.g. `wget {url}` where there is internet, then ckpt=/path/to/{path.name})"
         ) from err
-    os.replace(tmp, target)  # atomic: an interrupted download never leaves a truncated checkpoint
     return target
 
 
@@ -367,8 +368,11 @@ def read_checkpoint(
                 f"{path} has ditlab header version {header['version']}; upgrade ditlab to read it"
             )
         return state_dict, {
-            **header, "source_format": "ditlab", "weights": weights, "declared": "its ditlab header declares"
-        }  # fmt: skip
+            **header,
+            "source_format": "ditlab",
+            "weights": weights,
+            "declared": "its ditlab header declares",
+        }
     if isinstance(obj.get("model"), dict):
         if use_ema and not isinstance(obj.get("ema"), dict):
             raise ValueError(f"{path} has no 'ema' weights; pass use_ema=False to load 'model'")
@@ -395,10 +399,17 @@ def _declared_reference_config(args: dict[str, Any], inferred: dict[str, Any]) -
         return inferred
     size, patch = parse_model_name(args["model"])
     return {
-        **inferred, "depth": size.depth, "hidden_size": size.hidden_size, "num_heads": size.num_heads,
-        "patch_size": patch, "input_size": args["image_size"] // 8, "num_classes": args["num_classes"],
-        "in_channels": 4, "learn_sigma": True, "block": "adaln_zero",
-    }  # fmt: skip
+        **inferred,
+        "depth": size.depth,
+        "hidden_size": size.hidden_size,
+        "num_heads": size.num_heads,
+        "patch_size": patch,
+        "input_size": args["image_size"] // 8,
+        "num_classes": args["num_classes"],
+        "in_channels": 4,
+        "learn_sigma": True,
+        "block": "adaln_zero",
+    }
 
 
 def _build(config: dict[str, Any], state_dict: dict[str, Tensor], declared: str, source: str) -> DiT:
@@ -513,10 +524,8 @@ def export_safetensors(
     """
     loaded = ckpt if isinstance(ckpt, LoadedDiT) else load_dit(ckpt, use_ema=use_ema)
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in loaded.model.state_dict().items()}
     header = loaded.header() | {"weights": loaded.weights, "exported_from": loaded.source_format}
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    save_file(tensors, tmp, metadata={"format": "pt", "ditlab": json.dumps(header)})
-    os.replace(tmp, out_path)
+    with atomic_path(out_path) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt", "ditlab": json.dumps(header)})
     return out_path

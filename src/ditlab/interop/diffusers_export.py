@@ -138,11 +138,16 @@ def from_diffusers(transformer: DiTTransformer2DModel) -> DiT:
                     "one timestep/label embedder and cannot represent this model"
                 )
     model_config = dict(
-        input_size=c.sample_size, patch_size=c.patch_size, in_channels=c.in_channels,
-        hidden_size=c.num_attention_heads * c.attention_head_dim, depth=c.num_layers,
-        num_heads=c.num_attention_heads, num_classes=c.num_embeds_ada_norm,
-        learn_sigma=transformer.out_channels == 2 * c.in_channels, block="adaln_zero",
-    )  # fmt: skip
+        input_size=c.sample_size,
+        patch_size=c.patch_size,
+        in_channels=c.in_channels,
+        hidden_size=c.num_attention_heads * c.attention_head_dim,
+        depth=c.num_layers,
+        num_heads=c.num_attention_heads,
+        num_classes=c.num_embeds_ada_norm,
+        learn_sigma=transformer.out_channels == 2 * c.in_channels,
+        block="adaln_zero",
+    )
     with torch.device("meta"):
         model = DiT(**model_config)
     ours = {

@@ -31,6 +31,7 @@ from ditlab.autoencoders import Autoencoder, IdentityAutoencoder
 from ditlab.diffusion import create_diffusion
 from ditlab.diffusion.sampling import get_sampler, image_generators, sample
 from ditlab.interop.checkpoints import LoadedDiT
+from ditlab.io import atomic_path, atomic_write, atomic_write_text
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 
@@ -43,16 +44,9 @@ def to_uint8_rgb(images: Tensor) -> Tensor:
     return pixels.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).contiguous()
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def save_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
     """Write `arr_0` (images) and `arr_1` (labels) atomically."""
-    tmp = _tmp(path)
-    with open(tmp, "wb") as f:
-        np.savez(f, images, labels)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.savez(f, images, labels))
 
 
 def concat_npz(path: Path, parts: list[Path]) -> tuple[int, ...]:
@@ -67,8 +61,7 @@ def concat_npz(path: Path, parts: list[Path]) -> tuple[int, ...]:
             with np.load(part, allow_pickle=False) as shard:
                 count += shard[key].shape[0]
         shapes[key] = (count, *rest), dtype
-    tmp = _tmp(path)
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
         for key, (shape, dtype) in shapes.items():  # an .npz is a zip of .npy files
             with archive.open(f"{key}.npy", "w", force_zip64=True) as f:
                 np.lib.format.write_array_header_1_0(
@@ -77,7 +70,6 @@ def concat_npz(path: Path, parts: list[Path]) -> tuple[int, ...]:
                 for part in parts:
                     with np.load(part, allow_pickle=False) as shard:
                         f.write(np.ascontiguousarray(shard[key]).tobytes())
-    os.replace(tmp, path)
     return shapes["arr_0"][0]
 
 
@@ -155,11 +147,18 @@ class ImageSampler:
         """Images of `indices` with `labels` (N,), or labels drawn uniformly from each image's generator."""
         with _matmul_precision(self.precision):
             z, labels = sample(
-                self._net, self.diffusion, image_generators(self.seed, indices, self.device), self.shape,
-                sampler=self.solver, steps=self.steps, labels=None if labels is None else labels.to(self.device),
-                num_classes=self.model.num_classes, cfg_scale=self.cfg_scale,
-                guidance_channels=self.guidance_channels, clip_denoised=self.pixel_space,
-            )  # fmt: skip
+                self._net,
+                self.diffusion,
+                image_generators(self.seed, indices, self.device),
+                self.shape,
+                sampler=self.solver,
+                steps=self.steps,
+                labels=None if labels is None else labels.to(self.device),
+                num_classes=self.model.num_classes,
+                cfg_scale=self.cfg_scale,
+                guidance_channels=self.guidance_channels,
+                clip_denoised=self.pixel_space,
+            )
             return to_uint8_rgb(self.autoencoder.decode(z, channels=self.channels)), labels
 
 
@@ -179,9 +178,7 @@ def _check_manifest(parts: Path, manifest: dict[str, Any]) -> None:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = _tmp(path)
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 def _write_grid(path: Path, parts: list[Path], count: int, nrow: int) -> None:
@@ -194,9 +191,8 @@ def _write_grid(path: Path, parts: list[Path], count: int, nrow: int) -> None:
             chunks.append(torch.from_numpy(shard["arr_0"]))
         have += len(chunks[-1])
     grid = torch.cat(chunks)[:count].permute(0, 3, 1, 2).float() / 255
-    tmp = _tmp(path)
-    save_image(grid, tmp, nrow=nrow, format="png")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_image(grid, tmp, nrow=nrow, format="png")
 
 
 def generate(
@@ -246,11 +242,16 @@ def generate(
     del settings["loaded"]
     autoencoder = settings.pop("autoencoder")
     manifest = {
-        **(job or {}), "model_config": loaded.model.config, "weights": loaded.weights, "labels": labels,
-        "num_samples": num_samples, "batch_size": batch_size, **settings,
+        **(job or {}),
+        "model_config": loaded.model.config,
+        "weights": loaded.weights,
+        "labels": labels,
+        "num_samples": num_samples,
+        "batch_size": batch_size,
+        **settings,
         "device": torch.device(settings["device"]).type,  # the kind of device changes the numbers
         "autoencoder": autoencoder.config if autoencoder is not None else loaded.autoencoder,
-    }  # fmt: skip
+    }
     paths = output_paths(out)
     wanted = {kind: paths[kind] for kind, on in (("npz", npz), ("png", png)) if on}
     finished = paths["json"].is_file() and json.loads(paths["json"].read_text()) == manifest

@@ -7,8 +7,6 @@ Inception Score logits, the spatial features sFID. `evaluate_samples` returns a 
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +14,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ditlab.io import atomic_write_text
 from ditlab.metrics.features import FC_WEIGHTS_FILE
 from ditlab.metrics.fid import PrecomputedFeatures, frechet_metric
 from ditlab.metrics.image_sources import iter_npz_images, npz_image_shape
@@ -118,8 +117,4 @@ def write_metrics_json(results: dict[str, Any], samples: str | Path) -> Path:
     """Write `results` atomically to `<samples without .npz>.metrics.json`; non-finite numbers become null."""
     path = Path(samples).with_suffix(".metrics.json")
     clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in results.items()}
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".json.tmp", delete=False) as f:
-        json.dump(clean, f, indent=2, allow_nan=False)
-        f.write("\n")
-    os.replace(f.name, path)
-    return path
+    return atomic_write_text(path, json.dumps(clean, indent=2, allow_nan=False) + "\n")

@@ -35,10 +35,26 @@ TORCHSCRIPT_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # default_1.pt as
 FC_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FC_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 _LAYERS = (
-    "conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1",
-    "mixed", "mixed_1", "mixed_2", "mixed_3", "mixed_4", "mixed_5", "mixed_6", "mixed_7",
-    "mixed_8", "mixed_9", "mixed_10", "pool2",
-)  # fmt: skip
+    "conv",
+    "conv_1",
+    "conv_2",
+    "pool0",
+    "conv_3",
+    "conv_4",
+    "pool1",
+    "mixed",
+    "mixed_1",
+    "mixed_2",
+    "mixed_3",
+    "mixed_4",
+    "mixed_5",
+    "mixed_6",
+    "mixed_7",
+    "mixed_8",
+    "mixed_9",
+    "mixed_10",
+    "pool2",
+)
 
 
 def find_inception_torchscript(path: str | Path | None = None) -> Path:

@@ -92,11 +92,18 @@ class DiT(nn.Module):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         block_cls = get_block(block)
         self.config = dict(
-            input_size=input_size, patch_size=patch_size, in_channels=in_channels,
-            hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
-            class_dropout_prob=class_dropout_prob, num_classes=num_classes, learn_sigma=learn_sigma,
+            input_size=input_size,
+            patch_size=patch_size,
+            in_channels=in_channels,
+            hidden_size=hidden_size,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            class_dropout_prob=class_dropout_prob,
+            num_classes=num_classes,
+            learn_sigma=learn_sigma,
             block=block,
-        )  # fmt: skip
+        )
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = in_channels

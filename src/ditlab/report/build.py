@@ -1,6 +1,5 @@
 """Writes a sweep's report folder, and the command line `src/report.py`."""
 
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -13,6 +12,7 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
 from ditlab.cli import run_cli
+from ditlab.io import atomic_write, atomic_write_text
 from ditlab.report.figures import plot_fid_vs_compute, plot_fid_vs_gflops
 from ditlab.report.records import RunResult, load_records, load_wandb_records
 from ditlab.report.tables import (
@@ -25,24 +25,12 @@ from ditlab.report.tables import (
 )
 
 
-def _write_atomic(path: Path, write: Any) -> Path:
-    """`write(file)` into a temporary file beside `path`, then rename it over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def _write_text(path: Path, text: str) -> Path:
-    return _write_atomic(path, lambda f: f.write(text.encode()))
+    return atomic_write_text(path, text)
 
 
 def _write_png(path: Path, fig: Figure) -> Path:
-    return _write_atomic(path, lambda f: fig.savefig(f, format="png"))
+    return atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 def write_report(records: Sequence[RunResult], out: str | Path) -> dict[str, Path]:

@@ -83,8 +83,11 @@ def _error_bars(ax: Any, x: list[float], spreads: list[Spread], colour: str) -> 
             [xi for xi, _ in several],
             [s.mean for _, s in several],
             yerr=[[s.mean - s.low for _, s in several], [s.high - s.mean for _, s in several]],
-            fmt="none", ecolor=colour, elinewidth=1.2, capsize=0,
-        )  # fmt: skip
+            fmt="none",
+            ecolor=colour,
+            elinewidth=1.2,
+            capsize=0,
+        )
 
 
 def plot_fid_vs_gflops(records: Sequence[RunResult]) -> Figure:

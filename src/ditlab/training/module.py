@@ -179,10 +179,17 @@ class DiTModule(L.LightningModule):
             indices = range(len(labels))
         shape = (net.in_channels, net.input_size, net.input_size)
         z, labels = sample(
-            net, self.diffusion, image_generators(seed, indices, self.device), shape,
-            sampler=sampler, steps=steps, labels=labels, num_classes=net.num_classes,
-            cfg_scale=cfg_scale, guidance_channels=guidance_channels,
-        )  # fmt: skip
+            net,
+            self.diffusion,
+            image_generators(seed, indices, self.device),
+            shape,
+            sampler=sampler,
+            steps=steps,
+            labels=labels,
+            num_classes=net.num_classes,
+            cfg_scale=cfg_scale,
+            guidance_channels=guidance_channels,
+        )
         return self.autoencoder.to(self.device).decode(z).clamp(-1, 1), labels
 
     # ---- checkpoints ---------------------------------------------------------------------------

@@ -156,12 +156,17 @@ def build_module(cfg: DictConfig, datamodule: Any, autoencoder: Any) -> DiTModul
         },
     }
     module = DiTModule(
-        model, diffusion, autoencoder,
+        model,
+        diffusion,
+        autoencoder,
         encode_batches=not datamodule.is_latent,
-        optimizer=instantiate(cfg.optim.optimizer), scheduler=instantiate(cfg.optim.scheduler),
+        optimizer=instantiate(cfg.optim.optimizer),
+        scheduler=instantiate(cfg.optim.scheduler),
         ema_decay=cfg.optim.ema_decay,
-        compile=cfg.compile, seed=cfg.seed, info=info,
-    )  # fmt: skip
+        compile=cfg.compile,
+        seed=cfg.seed,
+        info=info,
+    )
     if cfg.init_from:
         from ditlab.interop import init_from_checkpoint
 

@@ -124,10 +124,12 @@ class FIDMonitor(L.Callback):
         batches = ((x + 1) / 2 for x, _ in loader)
         source = f"{type(datamodule).__name__} {split} ({n} images of {datamodule.source})"
         self._reference_stats = cached_reference(
-            f"{type(datamodule).__name__}-{split}-{datamodule.image_size}px-{n}", net,
+            f"{type(datamodule).__name__}-{split}-{datamodule.image_size}px-{n}",
+            net,
             lambda: reference_from_images(batches, net, source=source, num_pr_images=0, device=device),
-            cache_dir=cache_dir, fingerprint=f"{datamodule.source}|{keep[:8]}",
-        )  # fmt: skip
+            cache_dir=cache_dir,
+            fingerprint=f"{datamodule.source}|{keep[:8]}",
+        )
         return self._reference_stats
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
@@ -160,9 +162,12 @@ class FIDMonitor(L.Callback):
             n = min(self.batch_size, end - start)
             with trainer.precision_plugin.forward_context():  # labels uniform, drawn per image
                 images, labels = pl_module.sample(
-                    indices=range(start, start + n), seed=self.seed, cfg_scale=self.cfg_scale,
-                    sampler=self.sampler, steps=self.steps,
-                )  # fmt: skip
+                    indices=range(start, start + n),
+                    seed=self.seed,
+                    cfg_scale=self.cfg_scale,
+                    sampler=self.sampler,
+                    steps=self.steps,
+                )
             features[start - begin : start - begin + n] = net((images.float() + 1) / 2)
             if self.save_samples:
                 kept.append((labels.cpu(), images.float().cpu()))
@@ -225,10 +230,15 @@ class FIDMonitor(L.Callback):
                 )
         self.last_result = {"fid": fid, "num_samples": self.num_samples, "reference": reference.source}
         update_run_record(
-            self.output_dir, fid=fid, fid_num_samples=self.num_samples, fid_reference=reference.source,
-            fid_reference_images=reference.num_images, feature_network=self._net.identity,
-            fid_sampler=f"{self.sampler} {self.steps} steps, cfg {self.cfg_scale}", fid_history=self.history,
-        )  # fmt: skip
+            self.output_dir,
+            fid=fid,
+            fid_num_samples=self.num_samples,
+            fid_reference=reference.source,
+            fid_reference_images=reference.num_images,
+            feature_network=self._net.identity,
+            fid_sampler=f"{self.sampler} {self.steps} steps, cfg {self.cfg_scale}",
+            fid_history=self.history,
+        )
         print(
             f"[ditlab] step {trainer.global_step}: FID {fid:.2f} ({self.num_samples} EMA samples, {self.sampler} "
             f"{self.steps} steps, cfg {self.cfg_scale}; vs {reference.source})"

@@ -54,9 +54,14 @@ class RunRecord(L.Callback):
             ]
         )
         update_run_record(
-            self.output_dir, run_name=run_name, coordinates=coordinates, seed=pl_module.seed, **summary,
-            data=pl_module.info.get("data", {}).get("name"), wandb=wandb or None,
-        )  # fmt: skip
+            self.output_dir,
+            run_name=run_name,
+            coordinates=coordinates,
+            seed=pl_module.seed,
+            **summary,
+            data=pl_module.info.get("data", {}).get("name"),
+            wandb=wandb or None,
+        )
         print(
             f"[ditlab] {summary['params_m']:.2f}M parameters, {summary['gflops']:.3f} Gflops per forward pass"
         )
