@@ -28,11 +28,7 @@ TINY = ["debug=tiny", "~callbacks.fid", "logger=none"]
 def run(script: str, *args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
     return subprocess.run(
-        [
-            sys.executable,
-            *([str(ROOT / "src" / script)] if script.endswith(".py") else ["-m", script]),
-            *args,
-        ],
+        [sys.executable, str(ROOT / "src" / script), *args],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -266,9 +262,7 @@ def test_a_bad_init_from_file_is_named_for_what_it_is(tmp_path):
 def test_sample_and_export_name_a_bad_file_for_what_it_is(tmp_path, kind):
     path = bad_files(tmp_path)[kind]
     one_line_error(run("sample.py", f"ckpt={path}", f"out={tmp_path}/s", cwd=tmp_path), FILE_MESSAGES[kind])
-    proc = run(
-        "ditlab.interop.export", "--ckpt", str(path), "--safetensors", str(tmp_path / "w.st"), cwd=tmp_path
-    )
+    proc = run("export.py", f"ckpt={path}", f"safetensors={tmp_path / 'w.st'}", cwd=tmp_path)
     one_line_error(proc, FILE_MESSAGES[kind])
 
 
@@ -319,34 +313,15 @@ def test_a_corrupt_image_is_named_or_skipped_and_counted(tmp_path, skip):
 
 def test_export_of_a_latent_model_without_its_vae(tmp_path):
     """A released-format (latent, 4-channel) state dict whose VAE is not at hand (offline): one line
-    that offers --no-vae; with it, the transformer and scheduler alone and a note on adding the VAE."""
+    that offers include_vae=false; with it, the transformer and scheduler alone and a note on adding the VAE."""
     from ditlab.models import build_dit
 
     model = build_dit("DiT-S/8", input_size=8, in_channels=4, num_classes=1000, learn_sigma=True)
     path = tmp_path / "DiT-S-8-64x64.pt"
     torch.save(model.state_dict(), path)
-    env_vae = ["--vae", str(tmp_path / "no-such-vae")]
-    one_line_error(
-        run(
-            "ditlab.interop.export",
-            "--ckpt",
-            str(path),
-            "--diffusers",
-            str(tmp_path / "d"),
-            *env_vae,
-            cwd=tmp_path,
-        ),
-        "--no-vae",
-    )
-    proc = run(
-        "ditlab.interop.export",
-        "--ckpt",
-        str(path),
-        "--diffusers",
-        str(tmp_path / "d"),
-        "--no-vae",
-        cwd=tmp_path,
-    )
+    export = ["export.py", f"ckpt={path}", f"diffusers={tmp_path / 'd'}"]
+    one_line_error(run(*export, f"vae={tmp_path / 'no-such-vae'}", cwd=tmp_path), "include_vae=false")
+    proc = run(*export, "include_vae=false", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [
         "README.md",

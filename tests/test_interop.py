@@ -530,22 +530,23 @@ def test_generate_decodes_latents_with_the_checkpoint_vae(tmp_path, tiny_vae_dir
     assert 0 < np.abs(bf16.astype(int) - images).mean() < 2  # autocast changes the numbers, barely
 
 
-def test_export_cli_writes_safetensors_and_diffusers(tiny_ckpt, tmp_path, capsys):
-    from ditlab.interop.export import main
+def test_export_writes_safetensors_and_diffusers(tiny_ckpt, tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from ditlab.interop.export import export
 
     path, _, ema = tiny_ckpt
-    main(
-        [
-            "--ckpt",
-            str(path),
-            "--safetensors",
-            str(tmp_path / "w.safetensors"),
-            "--diffusers",
-            str(tmp_path / "d"),
-        ]
+    options = OmegaConf.load(Path(__file__).parents[1] / "conf" / "export.yaml")
+    options = OmegaConf.merge(
+        {k: v for k, v in options.items() if k not in ("defaults", "hydra")}, {"ckpt": str(path)}
+    )
+    export(
+        OmegaConf.merge(
+            options, {"safetensors": str(tmp_path / "w.safetensors"), "diffusers": str(tmp_path / "d")}
+        )
     )
     assert "DiT(depth=2, hidden=32)/2 (adaln_zero" in capsys.readouterr().out
     for exported in (tmp_path / "w.safetensors", tmp_path / "d"):
         assert (outputs(load_dit(exported).model) - outputs(ema)).abs().max() < 1e-5
-    with pytest.raises(SystemExit):
-        main(["--ckpt", str(path)])  # nothing to write
+    with pytest.raises(ValueError, match="nothing to write"):
+        export(options)

@@ -25,7 +25,7 @@ def error_line(error: BaseException) -> str:
 
 
 def run_cli(fn: Callable[..., Any], *args: Any) -> Any:
-    """Runs `fn(*args)` for an entry point (`src/*.py`, `python -m ditlab.interop.export`). Our validation
+    """Runs `fn(*args)` for an entry point (`src/*.py`, all Hydra apps). Our validation
     (ValueError, FileNotFoundError), a config error, or a file-system error (permissions, a full disk)
     exits with status 2 and one line. HYDRA_FULL_ERROR=1 shows the traceback instead."""
     try:

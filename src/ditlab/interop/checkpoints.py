@@ -45,7 +45,7 @@ SUPPORTED_FORMATS = (
     "supported formats: a ditlab Lightning checkpoint (.ckpt with 'state_dict' and 'ditlab'); a released DiT "
     "state dict (DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt: these names are downloaded); a reference DiT "
     "training checkpoint (dict with 'model', 'ema', 'opt', 'args'); a ditlab safetensors export "
-    "(python -m ditlab.interop.export --safetensors); a diffusers DiT folder (save_pretrained layout)"
+    "(src/export.py safetensors=...); a diffusers DiT folder (save_pretrained layout)"
 )
 
 

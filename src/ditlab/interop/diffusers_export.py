@@ -315,10 +315,12 @@ def export_diffusers(
     try:
         vae_model = _vae_for(loaded, vae) if include_vae else None
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"{err} Or export the transformer and scheduler alone: --no-vae") from None
+        raise FileNotFoundError(
+            f"{err} Or export the transformer and scheduler alone: include_vae=false"
+        ) from None
     if not include_vae and loaded.autoencoder["name"] != "identity":
         reason = (
-            "exported without its VAE (--no-vae); add it with DiTPipeline(transformer=..., scheduler=..., "
+            "exported without its VAE (include_vae=false); add it with DiTPipeline(transformer=..., scheduler=..., "
             f"vae=AutoencoderKL.from_pretrained({loaded.autoencoder.get('pretrained')!r}))"
         )
     elif vae_model is None:

@@ -16,7 +16,7 @@ report run), `build` (the report folder and the command line `src/report.py`). T
 `notebooks/fid_vs_gflops.ipynb` uses the same functions.
 """
 
-from ditlab.report.build import ReportConfig, main, run_report, write_report
+from ditlab.report.build import ReportConfig, run_report, write_report
 from ditlab.report.figures import DPI, FIGSIZE, plot_fid_vs_compute, plot_fid_vs_gflops
 from ditlab.report.records import (
     RECORD_FILE,
@@ -46,7 +46,6 @@ __all__ = [
     "load_records",
     "load_wandb_records",
     "log_to_wandb",
-    "main",
     "parse_record",
     "plot_fid_vs_compute",
     "plot_fid_vs_gflops",

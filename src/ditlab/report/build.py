@@ -1,17 +1,14 @@
-"""Writes a sweep's report folder, and the command line `src/report.py`."""
+"""Writes a sweep's report folder; `run_report` is the body of `src/report.py`."""
 
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
-from ditlab.cli import run_cli
 from ditlab.io import atomic_write, atomic_write_text
 from ditlab.report.figures import plot_fid_vs_compute, plot_fid_vs_gflops
 from ditlab.report.records import RunResult, load_records, load_wandb_records
@@ -94,14 +91,3 @@ def run_report(args: DictConfig) -> dict[str, Path]:
 
         log_to_wandb(records, written, group=group)
     return written
-
-
-def main(argv: list[str]) -> None:
-    """`src/report.py key=value ...`: bad arguments end with one line and exit status 2."""
-    try:
-        args = OmegaConf.from_cli(argv)
-    except yaml.YAMLError as error:
-        problem = getattr(error, "problem", None) or error  # the YAML parser's one-line reason
-        print(f"error: cannot parse the arguments {argv}: {problem}", file=sys.stderr)
-        sys.exit(2)
-    run_cli(run_report, args)
