@@ -487,6 +487,31 @@ def test_block_ablation_presets_expand_to_four_blocks_at_xl2(experiment, overrid
     assert points(sweep_jobs(experiment, *overrides)) == [(b, "DiT-XL", 2) for b in BLOCKS]
 
 
+CPU_POINTS = [
+    ("adaln_zero", "DiT-Ti", 8),
+    ("adaln_zero", "DiT-Ti", 4),
+    ("adaln_zero", "DiT-Ti", 2),
+    ("in_context", "DiT-Ti", 4),
+    ("cross_attention", "DiT-Ti", 4),
+    ("adaln", "DiT-Ti", 4),
+]
+
+
+def test_cpu_design_space_preset_is_the_patch_sweep_and_the_block_ablation_over_two_seeds():
+    configs = sweep_jobs("cpu_design_space")
+    assert [(*point, c.seed) for point, c in zip(points(configs), configs, strict=True)] == [
+        (*point, seed) for point in CPU_POINTS for seed in (0, 1)
+    ]
+    for c in configs:  # equal steps (no time limit), one FID protocol for every run, FID along the run
+        assert (c.optim.max_steps, c.optim.max_time, c.callbacks.fid.num_samples) == (1000, None, 400)
+        assert (c.callbacks.fid.sampler, c.callbacks.fid.steps, c.callbacks.fid.every_n_steps) == (
+            "ddim",
+            50,
+            500,
+        )
+        assert c.callbacks.fid.save_samples is True
+
+
 def test_presets_keep_the_paper_recipe_or_the_stated_scaled_down_one():
     (paper,) = sweep_jobs("table4", "data.path=latents/x", compose_all=False)
     assert (paper.optim.lr, paper.optim.global_batch_size, paper.optim.ema_decay) == (1e-4, 256, 0.9999)
@@ -538,3 +563,48 @@ def test_a_real_multirun_launches_the_presets_grid(tmp_path):
     runs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
     assert runs == [f"{i}_{b}-DiT-Ti-p8" for i, b in enumerate(BLOCKS)]
     assert all((tmp_path / "sweep" / run / "checkpoints" / "last.ckpt").is_file() for run in runs)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="apt-get install dataset-fashion-mnist"
+)
+def test_the_cpu_campaign_shrunk_runs_through_a_real_multirun_and_the_report(tmp_path):
+    """experiment=cpu_design_space with every run shrunk (2 steps, a 20-sample FID at steps 1 and 2):
+    12 runs, each record with its coordinates and seed, every point in the tables, error bars from seeds."""
+    shrunk = [
+        "debug=tiny",
+        "optim.max_steps=2",
+        "callbacks.fid.every_n_steps=1",
+        "logger=none",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        f"callbacks.fid.cache_dir={tmp_path / 'cache'}",
+    ]
+    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "src" / "train.py"), "-m", "experiment=cpu_design_space", *shrunk],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = load_records(tmp_path / "sweep")
+    assert [(r.block, r.model, r.patch, r.seed) for r in records] == sorted(
+        [(*point, seed) for point in CPU_POINTS for seed in (0, 1)],
+        key=lambda p: (BLOCKS.index(p[0]), -p[2], p[3]),
+    )
+    assert all(r.step == 2 and [p["step"] for p in r.fid_history] == [1, 2] for r in records)
+    assert all(len(list((Path(r.source).parent / "samples").glob("fid_step*.npz"))) == 2 for r in records)
+    proc = run_report_cli(f"runs={tmp_path / 'sweep'}", f"out={tmp_path / 'report'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    table = (tmp_path / "report" / "table4.md").read_text()
+    blocks = (tmp_path / "report" / "blocks.md").read_text()
+    assert table.count("| DiT-Ti |") == 4  # a row per block; adaLN-Zero's holds /8, /4 and /2
+    assert blocks.count("| 2 |") == 6  # every point, from 2 seeds
+    with open(tmp_path / "report" / "blocks.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert all(
+        float(r["fid_min"]) <= float(r["fid"]) <= float(r["fid_max"]) and r["seeds"] == "2" for r in rows
+    )

@@ -15,6 +15,35 @@ from ditlab.io import atomic_write
 from ditlab.training.callbacks.run_record import images_seen, update_run_record
 
 
+def datamodule_reference(
+    datamodule: Any,
+    net: torch.nn.Module,
+    num_images: int,
+    cache_dir: Any,
+    batch_size: int,
+    device: torch.device,
+) -> Any:
+    """Statistics of `num_images` images of the datamodule's validation split (its training split when it
+    has none), drawn once with a fixed seed, cached under `cache_dir` (the FID reference of a run whose
+    `callbacks.fid.reference` is null; also what `experiments/fid_seed_spread.py` compares against)."""
+    from ditlab.metrics.reference import cached_reference, reference_from_images
+
+    split = "val" if datamodule.build_dataset("val", random_flip=False) is not None else "train"
+    dataset = datamodule.build_dataset(split, random_flip=False)
+    n = min(num_images, len(dataset))
+    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n].tolist()
+    loader = DataLoader(Subset(dataset, keep), batch_size=batch_size, collate_fn=datamodule.collate_fn)
+    batches = ((x + 1) / 2 for x, _ in loader)
+    source = f"{type(datamodule).__name__} {split} ({n} images of {datamodule.source})"
+    return cached_reference(
+        f"{type(datamodule).__name__}-{split}-{datamodule.image_size}px-{n}",
+        net,
+        lambda: reference_from_images(batches, net, source=source, num_pr_images=0, device=device),
+        cache_dir=cache_dir,
+        fingerprint=f"{datamodule.source}|{keep[:8]}",
+    )
+
+
 class FIDMonitor(L.Callback):
     """FID of `num_samples` EMA samples (labels uniform over the classes) against reference statistics,
     every `every_n_steps` steps (0: never) and at the end of training.
@@ -101,34 +130,15 @@ class FIDMonitor(L.Callback):
         """Reference statistics, computed once (and cached on disk)."""
         if self._reference_stats is not None:
             return self._reference_stats
-        from ditlab.metrics.reference import (
-            DEFAULT_CACHE_DIR,
-            cached_reference,
-            load_reference,
-            reference_from_images,
-        )
+        from ditlab.metrics.reference import DEFAULT_CACHE_DIR, load_reference
 
         net = self.network(device)
         cache_dir = self.cache_dir or DEFAULT_CACHE_DIR
         if self.reference is not None:
             self._reference_stats = load_reference(self.reference, net, cache_dir=cache_dir, device=device)
             return self._reference_stats
-        datamodule = trainer.datamodule
-        split = "val" if datamodule.build_dataset("val", random_flip=False) is not None else "train"
-        dataset = datamodule.build_dataset(split, random_flip=False)
-        n = min(self.num_reference_images, len(dataset))
-        keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n].tolist()
-        loader = DataLoader(
-            Subset(dataset, keep), batch_size=self.batch_size, collate_fn=datamodule.collate_fn
-        )
-        batches = ((x + 1) / 2 for x, _ in loader)
-        source = f"{type(datamodule).__name__} {split} ({n} images of {datamodule.source})"
-        self._reference_stats = cached_reference(
-            f"{type(datamodule).__name__}-{split}-{datamodule.image_size}px-{n}",
-            net,
-            lambda: reference_from_images(batches, net, source=source, num_pr_images=0, device=device),
-            cache_dir=cache_dir,
-            fingerprint=f"{datamodule.source}|{keep[:8]}",
+        self._reference_stats = datamodule_reference(
+            trainer.datamodule, net, self.num_reference_images, cache_dir, self.batch_size, device
         )
         return self._reference_stats
 

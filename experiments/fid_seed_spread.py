@@ -1,0 +1,110 @@
+"""How much a run's FID moves with the sampling seed alone: the FID of one checkpoint's EMA samples drawn
+with several sampling seeds, through the run's own FID settings (sampler, steps, guidance, sample count,
+reference images of its datamodule) and `ditlab.diffusion.sampling`, the sampling of training's FID.
+
+    python experiments/fid_seed_spread.py <run folder> [--seeds 1 2 3] [--json out.json]
+
+Prints each seed's FID, their mean, standard deviation and range, and the FID the run recorded; the
+spread tells how far apart two design points must be before a difference of FIDs means anything.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from ditlab.diffusion import create_diffusion
+from ditlab.diffusion.sampling import image_generators, sample
+from ditlab.interop import load_dit
+from ditlab.io import atomic_write_text
+from ditlab.metrics.features import InceptionFeatures
+from ditlab.metrics.fid import PrecomputedFeatures, frechet_metric
+from ditlab.training.callbacks.fid_monitor import datamodule_reference
+
+
+@torch.no_grad()
+def fid_of_seed(loaded, net, reference, fid_cfg, seed: int) -> float:
+    model = loaded.model
+    diffusion = create_diffusion(**loaded.diffusion)
+    autoencoder = loaded.build_autoencoder()
+    shape = (model.in_channels, model.input_size, model.input_size)
+    metric = frechet_metric(PrecomputedFeatures(net.num_features), reference.mu, reference.sigma)
+    for start in range(0, fid_cfg.num_samples, fid_cfg.batch_size):
+        indices = range(start, min(start + fid_cfg.batch_size, fid_cfg.num_samples))
+        z, _ = sample(
+            model,
+            diffusion,
+            image_generators(seed, indices, "cpu"),
+            shape,
+            sampler=fid_cfg.sampler,
+            steps=fid_cfg.steps,
+            cfg_scale=fid_cfg.cfg_scale,
+            num_classes=model.num_classes,
+        )  # the training FID's settings: labels uniform per image, no clipping
+        images = autoencoder.decode(z).clamp(-1, 1)
+        metric.update(net((images.float() + 1) / 2).double(), real=False)
+    return metric.compute().item()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "run", type=Path, help="a training run's folder (with .hydra/config.yaml and checkpoints/)"
+    )
+    p.add_argument("--checkpoint", type=Path, default=None, help="default: <run>/checkpoints/last.ckpt")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+
+    cfg = OmegaConf.load(args.run / ".hydra" / "config.yaml")
+    fid_cfg = cfg.callbacks.fid
+    checkpoint = args.checkpoint or args.run / "checkpoints" / "last.ckpt"
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    net = InceptionFeatures(fid_cfg.get("inception"))
+    reference = datamodule_reference(
+        datamodule,
+        net,
+        fid_cfg.num_reference_images,
+        fid_cfg.cache_dir,
+        fid_cfg.batch_size,
+        torch.device("cpu"),
+    )
+    loaded = load_dit(checkpoint)
+    recorded = json.loads((args.run / "results.json").read_text()).get("fid")
+    fids = {}
+    for seed in args.seeds:
+        start = time.perf_counter()
+        fids[seed] = fid_of_seed(loaded, net, reference, fid_cfg, seed)
+        print(f"sampling seed {seed}: FID {fids[seed]:.2f} ({time.perf_counter() - start:.0f} s)", flush=True)
+    values = list(fids.values())
+    summary = {
+        "run": str(args.run),
+        "checkpoint": str(checkpoint),
+        "machine": platform.processor() or platform.machine(),
+        "fid_settings": OmegaConf.to_container(fid_cfg, resolve=True),
+        "reference": reference.source,
+        "recorded_fid": recorded,
+        "fid_by_sampling_seed": fids,
+        "mean": statistics.fmean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else None,
+        "range": [min(values), max(values)],
+    }
+    sd = f", sd {summary['sd']:.2f}" if summary["sd"] is not None else ""
+    print(
+        f"{len(values)} sampling seeds, {fid_cfg.num_samples} samples each: mean {summary['mean']:.2f}{sd}, "
+        f"range {min(values):.2f}–{max(values):.2f}; the run recorded {recorded}"
+    )
+    if args.json:
+        atomic_write_text(args.json, json.dumps(summary, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
