@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from ditlab.cli import run_cli
-from ditlab.interop.checkpoints import describe, load_dit
+from ditlab.interop import describe, load_dit
 from ditlab.interop.sampling import generate
 
 

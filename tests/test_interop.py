@@ -1,6 +1,7 @@
 import argparse
 import json
 import pickle
+import re
 import urllib.error
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from safetensors import safe_open
 
 from ditlab.diffusion import cfg_model_fn, create_diffusion, space_timesteps
 from ditlab.diffusion.sampling import image_generators, sample
-from ditlab.interop import checkpoints
+from ditlab.interop import checkpoints, formats
 from ditlab.interop.checkpoints import (
     export_safetensors,
     infer_config,
@@ -271,10 +272,21 @@ def test_released_names_offline_error_says_what_to_do(tmp_path, monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    url = checkpoints.RELEASED_URL.format(name="DiT-XL-2-512x512.pt")
+    url = formats.RELEASED_URL.format(name="DiT-XL-2-512x512.pt")
     with pytest.raises(FileNotFoundError, match=f"{url}.*download it and pass the local path"):
         load_dit("DiT-XL-2-512x512.pt", cache_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_interop_modules_import_one_way():
+    """formats ← diffusers_export ← checkpoints (which dispatches to both): no import circle."""
+    imports = {
+        path.stem: set(re.findall(r"from ditlab\.interop\.(\w+) import", path.read_text()))
+        for path in Path(checkpoints.__file__).parent.glob("*.py")
+    }
+    assert imports["formats"] == set()
+    assert imports["diffusers_export"] == {"formats"}
+    assert "checkpoints" not in imports["sampling"] | imports["diffusers_export"] | imports["formats"]
 
 
 def test_interop_code_never_unpickles_untrusted_data():
@@ -367,7 +379,7 @@ def test_exported_pipeline_samples_like_ditlab_ddim(tmp_path, tiny_vae_dir):
     names = [f"class {i}" for i in range(1000)]
     data = {"name": "toy", "num_classes": 1000, "image_size": 16, "channels": 3, "class_names": names}
     ckpt = save_ditlab_ckpt(tmp_path / "latent.ckpt", model, model, autoencoder=vae_spec, data=data)
-    folder = export_diffusers(ckpt, tmp_path / "pipe")
+    folder = export_diffusers(load_dit(ckpt), tmp_path / "pipe")
     assert {p.name for p in folder.iterdir()} >= {
         "model_index.json",
         "transformer",
@@ -403,14 +415,14 @@ def test_exported_pipeline_samples_like_ditlab_ddim(tmp_path, tiny_vae_dir):
 
 def test_non_pipeline_models_export_the_transformer_only(tiny_ckpt, tmp_path, caplog):
     path, _, ema = tiny_ckpt
-    folder = export_diffusers(path, tmp_path / "pixels")
+    folder = export_diffusers(load_dit(path), tmp_path / "pixels")
     assert {p.name for p in folder.iterdir()} == {"transformer", "scheduler", "ditlab.json", "README.md"}
     assert "transformer and scheduler only" in caplog.text
     loaded = load_dit(folder)
     assert loaded.autoencoder == PIXELS and loaded.data["class_names"] == ["c0", "c1", "c2"]
     assert (outputs(loaded.model) - outputs(ema)).abs().max() < 1e-5
     with pytest.raises(FileExistsError):
-        export_diffusers(path, folder)
+        export_diffusers(load_dit(path), folder)
     adaln = randomized(DiT(**TINY, block="adaln"))
     with pytest.raises(ValueError, match="only adaLN-Zero"):
         to_diffusers(adaln)

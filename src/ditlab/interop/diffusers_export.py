@@ -32,11 +32,10 @@ from diffusers import (
 )
 
 from ditlab.autoencoders import load_autoencoder_kl
-from ditlab.interop.checkpoints import (
+from ditlab.interop.formats import (
     SD_VAE_SCALE,
     LoadedDiT,
     describe,
-    load_dit,
     normalize_autoencoder,
     normalize_diffusion,
 )
@@ -289,15 +288,14 @@ def _model_card(loaded: LoadedDiT, reason: str | None) -> str:
 
 
 def export_diffusers(
-    source: "str | os.PathLike | LoadedDiT",
+    loaded: LoadedDiT,
     out_dir: str | os.PathLike,
     *,
     vae: "str | os.PathLike | AutoencoderKL | None" = None,
     scheduler: str = "ddim",
-    use_ema: bool = True,
     include_vae: bool = True,
 ) -> Path:
-    """Write an adaln_zero DiT (a checkpoint of any supported format, or a LoadedDiT) as a diffusers folder.
+    """Write an adaln_zero DiT (as `ditlab.interop.load_dit` returns it) as a diffusers folder.
 
     With a VAE (`vae`: a folder, hub name or AutoencoderKL; default: the checkpoint's) and 1000 classes,
     a complete `DiTPipeline` (transformer, vae, scheduler, `id2label` from the data's class names);
@@ -306,7 +304,6 @@ def export_diffusers(
     header so that `load_dit(out_dir)` restores everything. The folder appears atomically; an existing
     non-empty `out_dir` is an error.
     """
-    loaded = source if isinstance(source, LoadedDiT) else load_dit(source, use_ema=use_ema)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty folder; choose a new folder or delete it")

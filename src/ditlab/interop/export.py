@@ -3,7 +3,7 @@ diffusers folder."""
 
 from omegaconf import DictConfig
 
-from ditlab.interop.checkpoints import describe, export_safetensors, load_dit
+from ditlab.interop import describe, export_safetensors, load_dit
 
 
 def export(cfg: DictConfig) -> None:

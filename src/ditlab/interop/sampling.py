@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ditlab.autoencoders import Autoencoder, IdentityAutoencoder
 from ditlab.diffusion import create_diffusion
 from ditlab.diffusion.sampling import get_sampler, image_generators, sample
-from ditlab.interop.checkpoints import LoadedDiT
+from ditlab.interop.formats import LoadedDiT
 from ditlab.io import atomic_path, atomic_write, atomic_write_text
 
 PRECISIONS = ("fp32", "tf32", "bf16")
