@@ -416,6 +416,131 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", re.sub(r"\(r\)|\(tm\)", "", text.lower())).strip("-")
 
 
+Key = tuple[str, str]  # (kind, mode name)
+
+
+def build_works(
+    args: argparse.Namespace,
+    modes: list[Mode],
+    module: DiTModule,
+    recipe: "ReferenceObjects | None",
+    batch: tuple[Tensor, Tensor],
+    root: str,
+) -> dict[Key, Work]:
+    """The (kind, mode) pairs to time; sampling skips the training-only modes."""
+    x, y = batch
+    works: dict[Key, Work] = {}
+    for kind, mode in itertools.product(args.kinds, modes):
+        if kind == "sample" and (mode.ckpt or mode.pbar):
+            continue  # checkpointing acts only when gradients are taken; the bar only in training
+        if kind == "train":
+            works[kind, mode.name] = (
+                ReferenceTrain(recipe, (x, y))
+                if mode.reference
+                else OursTrain(module, module.model, mode, (x, y), root, args.compile_backend)
+            )
+        else:
+            works[kind, mode.name] = (
+                ReferenceSample(recipe, y, args.sample_steps, args.cfg_scale)
+                if mode.reference
+                else OursSample(module, mode, y, args.sample_steps, args.cfg_scale, args.compile_backend)
+            )
+    return works
+
+
+def run_block(work: Work, warmup: int, steps: int) -> tuple[float | None, str | None]:
+    """(seconds of the timed steps, None), or (None, why) when the device ran out of memory."""
+    try:
+        return work.run(warmup, steps), None
+    except torch.OutOfMemoryError as e:
+        gc.collect()
+        torch.cuda.empty_cache()
+        return None, f"out of memory: {str(e).splitlines()[0]}"
+
+
+def run_interleaved(
+    works: dict[Key, Work], args: argparse.Namespace, device: torch.device
+) -> dict[str, dict]:
+    """One untimed block per work (its wall time: `warmup_s`), then `args.repeats` rounds, the order
+    reversed every other round. Returns {"times", "rises", "warmup_s", "errors"}, each by key."""
+    times: dict[Key, list[float]] = {key: [] for key in works}
+    rises: dict[Key, int] = dict.fromkeys(works, 0)
+    warmup_s: dict[Key, float] = {}
+    errors: dict[Key, str] = {}
+    for key, work in works.items():  # first block of each: compilation, kernel choice, first allocations
+        gc.collect()
+        start = time.perf_counter()
+        _, error = run_block(work, args.warmup, args.steps)
+        if error:
+            errors[key] = error
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        warmup_s[key] = time.perf_counter() - start
+        print(f"[bench] {key[0]} {key[1]}: warm-up block {warmup_s[key]:.1f} s", file=sys.stderr)
+    for round_ in range(args.repeats):
+        for key in list(works) if round_ % 2 == 0 else list(reversed(works)):
+            if key in errors:
+                continue
+            gc.collect()  # earlier blocks' garbage (Trainers and their optimizers) goes first
+            with MemoryProbe(device) as probe:
+                seconds, error = run_block(works[key], args.warmup, args.steps)
+            if error:
+                errors[key] = error
+            else:
+                times[key].append(seconds)
+                rises[key] = max(rises[key], probe.rise)
+    return {"times": times, "rises": rises, "warmup_s": warmup_s, "errors": errors}
+
+
+def result_rows(
+    args: argparse.Namespace, works: dict[Key, Work], timing: dict[str, dict], flops: float, rate: float
+) -> list[dict[str, Any]]:
+    """One row per work: step time (median, range, per block), images/s, memory, MFU, and against the
+    reference of its kind (overall and paired round by round)."""
+    rows = []
+    for (kind, mode), seconds in timing["times"].items():
+        row: dict[str, Any] = {"kind": kind, "mode": mode, "model": args.model, "block": args.block}
+        row["batch"] = args.batch
+        if (kind, mode) in timing["errors"]:
+            rows.append({**row, "error": timing["errors"][kind, mode]})
+            continue
+        # a training image takes one step; a sampled image takes all the process's steps
+        per_image_steps = 1 if kind == "train" else args.sample_steps
+        step_flops = 3 * flops if kind == "train" else 2 * flops * args.sample_steps
+        median = statistics.median(seconds)
+        state = tensor_bytes(works[kind, mode].state())
+        img_s = args.batch / (median * per_image_steps)
+        rows.append(
+            {
+                **row,
+                "ms_per_step": 1000 * median,
+                "ms_per_step_min": 1000 * min(seconds),
+                "ms_per_step_max": 1000 * max(seconds),
+                "ms_per_step_blocks": [1000 * s for s in seconds],
+                "img_s": img_s,
+                "img_s_min": args.batch / (max(seconds) * per_image_steps),
+                "img_s_max": args.batch / (min(seconds) * per_image_steps),
+                "peak_mem_gib": (state + timing["rises"][kind, mode]) / 2**30,
+                "state_gib": state / 2**30,
+                "mfu": img_s * step_flops / (rate * 1e12),
+                "warmup_s": timing["warmup_s"][kind, mode],
+            }
+        )
+    for row in rows:
+        ref = next((r for r in rows if r["kind"] == row["kind"] and r["mode"] == "reference"), None)
+        if ref is not None and "img_s" in row and "img_s" in ref:
+            row["vs_reference"] = row["img_s"] / ref["img_s"]
+            # Per round: the reference's time over this mode's, from neighbouring blocks (robust to drift).
+            paired = [
+                r / m for r, m in zip(ref["ms_per_step_blocks"], row["ms_per_step_blocks"], strict=False)
+            ]
+            row["vs_reference_paired"] = statistics.median(paired)
+            row["vs_reference_paired_range"] = [min(paired), max(paired)]
+        if args.target is not None and row["mode"] != "reference" and "img_s" in row:
+            row["target_img_s"], row["meets_target"] = args.target, row["img_s"] >= args.target
+    return rows
+
+
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Runs every (kind, mode) of `args` interleaved; returns the record written as JSON."""
     device = torch.device(args.device)
@@ -437,101 +562,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     rate, rate_dtype = matmul_tflops(device, args.matmul_size or (8192 if device.type == "cuda" else 1024))
     x = torch.randn(args.batch, args.channels, args.input_size, args.input_size, device=device)
     y = torch.randint(0, args.num_classes, (args.batch,), device=device)
-    root = tempfile.mkdtemp(prefix="ditlab-bench-")
-    eager = module.model
-
-    works: dict[tuple[str, str], Work] = {}
-    for kind, mode in itertools.product(args.kinds, modes):
-        if kind == "sample" and (mode.ckpt or mode.pbar):
-            continue  # checkpointing acts only when gradients are taken; the bar only in training
-        if kind == "train":
-            works[kind, mode.name] = (
-                ReferenceTrain(recipe, (x, y))
-                if mode.reference
-                else OursTrain(module, eager, mode, (x, y), root, args.compile_backend)
-            )
-        else:
-            works[kind, mode.name] = (
-                ReferenceSample(recipe, y, args.sample_steps, args.cfg_scale)
-                if mode.reference
-                else OursSample(module, mode, y, args.sample_steps, args.cfg_scale, args.compile_backend)
-            )
-
-    times: dict[tuple[str, str], list[float]] = {key: [] for key in works}
-    rises: dict[tuple[str, str], int] = dict.fromkeys(works, 0)
-    warmup_s: dict[tuple[str, str], float] = {}
-    errors: dict[tuple[str, str], str] = {}
-
-    def block(key: tuple[str, str], warmup: int, steps: int) -> float | None:
-        try:
-            return works[key].run(warmup, steps)
-        except torch.OutOfMemoryError as e:
-            errors[key] = f"out of memory: {str(e).splitlines()[0]}"
-            gc.collect()
-            torch.cuda.empty_cache()
-            return None
-
-    for key in works:  # first block of each: compilation, kernel choice, first allocations
-        gc.collect()
-        start = time.perf_counter()
-        block(key, args.warmup, args.steps)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        warmup_s[key] = time.perf_counter() - start
-        print(f"[bench] {key[0]} {key[1]}: warm-up block {warmup_s[key]:.1f} s", file=sys.stderr)
-    for round_ in range(args.repeats):
-        order = list(works) if round_ % 2 == 0 else list(reversed(works))
-        for key in order:
-            if key in errors:
-                continue
-            gc.collect()  # earlier blocks' garbage (Trainers and their optimizers) goes first
-            with MemoryProbe(device) as probe:
-                seconds = block(key, args.warmup, args.steps)
-            if seconds is not None:
-                times[key].append(seconds)
-                rises[key] = max(rises[key], probe.rise)
-
-    rows = []
-    for (kind, mode), seconds in times.items():
-        row: dict[str, Any] = {"kind": kind, "mode": mode, "model": args.model, "block": args.block}
-        row["batch"] = args.batch
-        if (kind, mode) in errors:
-            rows.append({**row, "error": errors[kind, mode]})
-            continue
-        # a training image takes one step; a sampled image takes all the process's steps
-        per_image_steps = 1 if kind == "train" else args.sample_steps
-        step_flops = 3 * flops if kind == "train" else 2 * flops * args.sample_steps
-        median = statistics.median(seconds)
-        state = tensor_bytes(works[kind, mode].state())
-        img_s = args.batch / (median * per_image_steps)
-        rows.append(
-            {
-                **row,
-                "ms_per_step": 1000 * median,
-                "ms_per_step_min": 1000 * min(seconds),
-                "ms_per_step_max": 1000 * max(seconds),
-                "ms_per_step_blocks": [1000 * s for s in seconds],
-                "img_s": img_s,
-                "img_s_min": args.batch / (max(seconds) * per_image_steps),
-                "img_s_max": args.batch / (min(seconds) * per_image_steps),
-                "peak_mem_gib": (state + rises[kind, mode]) / 2**30,
-                "state_gib": state / 2**30,
-                "mfu": img_s * step_flops / (rate * 1e12),
-                "warmup_s": warmup_s[kind, mode],
-            }
-        )
-    for row in rows:
-        ref = next((r for r in rows if r["kind"] == row["kind"] and r["mode"] == "reference"), None)
-        if ref is not None and "img_s" in row and "img_s" in ref:
-            row["vs_reference"] = row["img_s"] / ref["img_s"]
-            # Per round: the reference's time over this mode's, from neighbouring blocks (robust to drift).
-            paired = [
-                r / m for r, m in zip(ref["ms_per_step_blocks"], row["ms_per_step_blocks"], strict=False)
-            ]
-            row["vs_reference_paired"] = statistics.median(paired)
-            row["vs_reference_paired_range"] = [min(paired), max(paired)]
-        if args.target is not None and row["mode"] != "reference" and "img_s" in row:
-            row["target_img_s"], row["meets_target"] = args.target, row["img_s"] >= args.target
+    works = build_works(args, modes, module, recipe, (x, y), tempfile.mkdtemp(prefix="ditlab-bench-"))
+    timing = run_interleaved(works, args, device)
     return {
         "device": describe_device(device),
         "device_type": device.type,
@@ -543,7 +575,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "fwd_gflops": flops / 2e9,  # the paper's convention: multiply-adds counted once
         "matmul_tflops": rate,
         "matmul_dtype": rate_dtype,
-        "rows": rows,
+        "rows": result_rows(args, works, timing, flops, rate),
     }
 
 
