@@ -88,7 +88,9 @@ def main() -> None:
         "run": str(args.run),
         "checkpoint": str(checkpoint),
         "machine": platform.processor() or platform.machine(),
-        "fid_settings": OmegaConf.to_container(fid_cfg, resolve=True),
+        "fid_settings": {
+            k: fid_cfg[k] for k in ("num_samples", "sampler", "steps", "cfg_scale", "num_reference_images")
+        },
         "reference": reference.source,
         "recorded_fid": recorded,
         "fid_by_sampling_seed": fids,

@@ -23,6 +23,7 @@ needs_fashion_mnist = pytest.mark.skipif(
     not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="apt-get install dataset-fashion-mnist"
 )
 TINY = ["debug=tiny", "~callbacks.fid", "logger=none"]
+ONE_PROCESS = SimpleNamespace(barrier=lambda name=None: None, broadcast=lambda obj, src=0: obj)
 
 
 def run(script: str, *args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -172,6 +173,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, capsys)
 
     class Trainer:
         global_step, is_global_zero, fast_dev_run = 10, True, False
+        strategy = ONE_PROCESS
 
         def save_checkpoint(self, path, weights_only=False):
             if self.global_step == 20:
@@ -196,6 +198,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, capsys)
 def test_numbered_checkpoints_keep_only_the_newest(tmp_path):
     class Trainer:
         is_global_zero, fast_dev_run, global_step = True, False, 0
+        strategy = ONE_PROCESS
 
         def save_checkpoint(self, path, weights_only=False):
             Path(path).write_bytes(b"x")

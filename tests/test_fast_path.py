@@ -1,5 +1,6 @@
 """The fast paths compute what the plain fp32 path computes, and the benchmark compares like with like."""
 
+import functools
 import importlib.util
 import json
 import logging
@@ -136,7 +137,7 @@ class PlainAdamWModule(DiTModule):
     """The eager baseline: torch's for-loop AdamW (the default on CPU) instead of the fused one."""
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, foreach=False)
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.0, foreach=False)
         scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)  # the module logs its lr
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -148,7 +149,8 @@ def train_losses(module_cls: type[DiTModule], precision: str, steps: int = 30) -
     x = (torch.where(y[:, None, None, None] == 0, 0.8, -0.8) * ramp).contiguous()
     torch.manual_seed(0)
     model = build_dit("DiT-Ti/4", input_size=8, in_channels=1, num_classes=2, depth=2)
-    module = module_cls(model, create_diffusion(), torch.nn.Identity(), lr=1e-3)
+    adamw = functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.0, fused=True)
+    module = module_cls(model, create_diffusion(), torch.nn.Identity(), optimizer=adamw)
     trace = LossTrace()
     trainer = L.Trainer(
         max_steps=steps,

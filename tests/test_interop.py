@@ -13,9 +13,10 @@ from safetensors import safe_open
 
 from ditlab.diffusion import cfg_model_fn, create_diffusion, space_timesteps
 from ditlab.diffusion.sampling import image_generators, sample
-from ditlab.interop import checkpoints, formats
-from ditlab.interop.checkpoints import (
+from ditlab.interop import (
+    checkpoints,
     export_safetensors,
+    formats,
     infer_config,
     init_from_checkpoint,
     load_dit,

@@ -48,7 +48,8 @@ def _create_folder(path: Path, plan: dict[str, Any]) -> None:
     """Rank 0, no manifest yet: (re)create the arrays, then the manifest that makes them visible."""
     ours = {LATENTS, LABELS, CHUNKS}
     if path.exists():
-        strangers = [p.name for p in path.iterdir() if p.name not in ours and not p.name.startswith(".tmp-")]
+        # ditlab.io's temporary files of a killed run (.<name>.tmp-<pid>) are ours too
+        strangers = [p.name for p in path.iterdir() if p.name not in ours and ".tmp-" not in p.name]
         if strangers:
             raise FileExistsError(
                 f"{path} holds other files ({', '.join(sorted(strangers)[:5])}) and no {MANIFEST}; "

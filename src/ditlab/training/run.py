@@ -237,9 +237,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def report(callbacks: list[Any], loggers: list[Any], output_dir: Path) -> dict[str, Any]:
     """Prints where the run's outputs are."""
     found: dict[str, Any] = {"results": str(output_dir / "results.json")}
-    ckpt = output_dir / "checkpoints" / "last.ckpt"
-    if ckpt.exists():
-        found["checkpoint"] = str(ckpt)
+    saved = next((c.saved for c in callbacks if isinstance(c, Checkpointing)), None)
+    if saved is not None and saved.exists():
+        found["checkpoint"] = str(saved)
     for c in callbacks:
         if isinstance(c, SampleGrid) and c.last_path is not None:
             found["samples"] = str(c.last_path)

@@ -104,19 +104,23 @@ class Checkpointing(L.Callback):
             [self.dirpath / f"step_{step:07d}.ckpt"] if numbered and self.keep_last else []
         )
         for path in targets:
+            full = False
             try:
                 trainer.save_checkpoint(path, weights_only=False)
             except OSError as err:
                 if not is_disk_full(err):
                     raise
-                kept = (
-                    f"{self.saved} (step {self.saved_step}) is kept"
-                    if self.saved
-                    else "no earlier checkpoint exists"
-                )
-                print(
-                    f"[ditlab] disk full: could not write {path} at step {step}; {kept}. Free space to save again."
-                )
+                # The writer (rank 0) left save_checkpoint before its barrier: meet the other ranks there.
+                full = True
+                trainer.strategy.barrier("ditlab.checkpointing")
+            if trainer.strategy.broadcast(full, src=0):  # every rank skips the rest alike
+                if trainer.is_global_zero:
+                    kept = (
+                        f"{self.saved} (step {self.saved_step}) is kept" if self.saved else "none was written"
+                    )
+                    print(
+                        f"[ditlab] disk full: could not write {path} at step {step}; {kept}. Free space to save again."
+                    )
                 return
         self.saved, self.saved_step = self.dirpath / LAST, step
         self._last_save = time.monotonic()
