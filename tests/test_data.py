@@ -288,7 +288,8 @@ def test_image_folder_errors(tmp_path):
 
 
 def test_data_configs_instantiate(tmp_path):
-    dm = instantiate(OmegaConf.load(CONF / "fashion_mnist.yaml"), root=str(tmp_path))
+    # data_dir comes from conf/paths when composed; given here, as the YAML is loaded alone
+    dm = instantiate(OmegaConf.load(CONF / "fashion_mnist.yaml"), root=str(tmp_path), data_dir=str(tmp_path))
     assert isinstance(dm, FashionMNISTDataModule) and dm.image_size == 32 and dm.random_flip
     dm = instantiate(OmegaConf.load(CONF / "image_folder.yaml"), root=str(tmp_path))
     assert isinstance(dm, ImageFolderDataModule) and dm.image_size == 256

@@ -38,6 +38,8 @@ from ditlab.interop.sampling import (
 from ditlab.models import BLOCKS, DiT, build_dit
 
 DIFFUSION = {"learn_sigma": True, "noise_schedule": "linear", "diffusion_steps": 1000}
+# What load_dit returns for it: every argument of create_diffusion, defaults filled in.
+NORMALIZED_DIFFUSION = {**DIFFUSION, "fixed_variance": "large", "predict": "epsilon", "loss": None}
 PIXELS = {"name": "identity", "pretrained": None, "scale_factor": 1.0}
 # What ditlab's training writes: the Hydra configs of the diffusion and autoencoder.
 TRAINED_DIFFUSION = {"_target_": "ditlab.diffusion.create_diffusion", **DIFFUSION}
@@ -110,7 +112,7 @@ def test_ditlab_checkpoint_loads_with_weights_only_and_ema_by_default(tiny_ckpt)
     assert raw["ditlab"]["model_config"] == model.config
     loaded = load_dit(path)
     assert (loaded.source_format, loaded.weights, loaded.guidance_channels) == ("ditlab", "ema", None)
-    assert loaded.diffusion == DIFFUSION and loaded.autoencoder == PIXELS
+    assert loaded.diffusion == NORMALIZED_DIFFUSION and loaded.autoencoder == PIXELS
     assert loaded.data["class_names"] == ["c0", "c1", "c2"] and not loaded.model.training
     assert torch.equal(outputs(loaded.model), outputs(ema))
     assert torch.equal(outputs(load_dit(path, use_ema=False).model), outputs(model))
@@ -550,9 +552,8 @@ def test_export_writes_safetensors_and_diffusers(tiny_ckpt, tmp_path, capsys):
 
     path, _, ema = tiny_ckpt
     options = OmegaConf.load(Path(__file__).parents[1] / "conf" / "export.yaml")
-    options = OmegaConf.merge(
-        {k: v for k, v in options.items() if k not in ("defaults", "hydra")}, {"ckpt": str(path)}
-    )
+    del options["defaults"], options["hydra"]
+    options.ckpt = str(path)
     export(
         OmegaConf.merge(
             options, {"safetensors": str(tmp_path / "w.safetensors"), "diffusers": str(tmp_path / "d")}
