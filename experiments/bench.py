@@ -24,13 +24,18 @@ Modes:
   of the model, of the EMA for sampling; the first block's time is reported as warm-up), `-ckpt`
   (activation checkpointing per block; training only), `-pbar` (Lightning's default progress bar,
   refreshed every step as in `train.py`; it reads the logged metrics with `.item()`, a host-device sync
-  per step; training only, off otherwise). E.g. `ours-bf16-compile`.
+  per step; training only, off otherwise), `-repa` (REPA's alignment loss against `--repa-encoder`, a
+  timm architecture with random weights: the cost of a pretrained one, no download; training only,
+  images of 1 or 3 channels). E.g. `ours-bf16-compile`.
 
 Method: every mode first runs one untimed block (its wall time is `warmup_s`: compilation, kernel
 selection, first allocations); then `--repeats` rounds in which each mode runs `--warmup` untimed and
 `--steps` timed steps, the mode order reversed every other round (A B B A ...) so that drift in the
 machine's load falls on all modes alike. Times come from CUDA events (CPU: perf_counter) around the
-timed steps; a row reports the median and the range over the rounds. Peak memory = the state the work
+timed steps; a row reports the median and the range over the rounds, and beside them the process's CPU
+time per step (time.process_time, all threads: on a shared machine it barely moves with other
+processes' load, where the wall time does), with ratios against `reference` and against `ours` (fp32)
+by wall time, paired round by round, and by CPU time. Peak memory = the state the work
 keeps (training: weights, EMA, gradients, optimizer state; sampling: the sampled weights) + the largest
 rise during a timed block above what was allocated at its start (CUDA: allocator counters; CPU: peak RSS
 after resetting it through /proc/self/clear_refs, indicative only). MFU is against a dense matrix
@@ -78,7 +83,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference_recipe
 
 KINDS = ("train", "sample")
-FLAGS = ("bf16", "compile", "ckpt", "pbar")
+FLAGS = ("bf16", "compile", "ckpt", "pbar", "repa")
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,7 @@ class Mode:
     compile: bool = False
     ckpt: bool = False
     pbar: bool = False
+    repa: bool = False
 
 
 def parse_mode(name: str) -> Mode:
@@ -107,20 +113,40 @@ def parse_mode(name: str) -> Mode:
 # ---- clocks and memory -------------------------------------------------------------------------------
 
 
-def mark(device: torch.device) -> torch.cuda.Event | float:
-    """A point in time on the device's stream (CUDA event) or the host clock."""
+@dataclass(frozen=True)
+class Mark:
+    """A point in time: on the device's stream (CUDA event) or the host's wall clock, and the process's
+    CPU clock (user + system time of all its threads)."""
+
+    wall: torch.cuda.Event | float
+    cpu: float
+
+
+@dataclass(frozen=True)
+class Seconds:
+    """Wall-clock and process-CPU seconds of some work. On a shared CPU the wall time grows with other
+    processes' load while the CPU time stays near the work's own cost."""
+
+    wall: float
+    cpu: float
+
+    def __truediv__(self, n: int) -> "Seconds":
+        return Seconds(self.wall / n, self.cpu / n)
+
+
+def mark(device: torch.device) -> Mark:
     if device.type == "cuda":
         event = torch.cuda.Event(enable_timing=True)
         event.record()
-        return event
-    return time.perf_counter()
+        return Mark(event, time.process_time())
+    return Mark(time.perf_counter(), time.process_time())
 
 
-def seconds_between(start: torch.cuda.Event | float, end: torch.cuda.Event | float) -> float:
-    if isinstance(start, float):
-        return end - start
-    end.synchronize()
-    return start.elapsed_time(end) / 1000
+def seconds_between(start: Mark, end: Mark) -> Seconds:
+    if isinstance(start.wall, float):
+        return Seconds(end.wall - start.wall, end.cpu - start.cpu)
+    end.wall.synchronize()
+    return Seconds(start.wall.elapsed_time(end.wall) / 1000, end.cpu - start.cpu)
 
 
 def _proc_status_bytes(field: str) -> int:
@@ -186,7 +212,7 @@ def matmul_tflops(device: torch.device, size: int) -> tuple[float, str]:
     for _ in range(10 if device.type == "cuda" else 5):
         start = mark(device)
         a @ b
-        fastest = min(fastest, seconds_between(start, mark(device)))
+        fastest = min(fastest, seconds_between(start, mark(device)).wall)
     return 2 * size**3 / fastest / 1e12, str(dtype).removeprefix("torch.")
 
 
@@ -197,7 +223,7 @@ class Work(Protocol):
     """One kind of work in one mode: `run` times `steps` steps after `warmup` untimed ones and returns
     seconds per step; `state` lists the tensors the work keeps between steps."""
 
-    def run(self, warmup: int, steps: int) -> float: ...
+    def run(self, warmup: int, steps: int) -> Seconds: ...
 
     def state(self) -> Iterator[Tensor]: ...
 
@@ -250,7 +276,7 @@ class OursTrain(Work):
         # and leave no eager path for the other modes of this run.
         self.model = torch.compile(eager, backend=backend) if mode.compile else eager
 
-    def run(self, warmup: int, steps: int) -> float:
+    def run(self, warmup: int, steps: int) -> Seconds:
         device = self.batch[0].device
         self.module.model = self.model
         self.eager.gradient_checkpointing = self.mode.ckpt
@@ -288,7 +314,7 @@ class ReferenceTrain(Work):
     def __init__(self, recipe: "ReferenceObjects", batch: tuple[Tensor, Tensor]):
         self.recipe, self.batch = recipe, batch
 
-    def run(self, warmup: int, steps: int) -> float:
+    def run(self, warmup: int, steps: int) -> Seconds:
         r, (x, y) = self.recipe, self.batch
         r.model.train()
         for _ in range(warmup):
@@ -305,7 +331,7 @@ class ReferenceTrain(Work):
             yield from (v for v in state.values() if isinstance(v, Tensor))
 
 
-def time_loop(loop: Iterator, device: torch.device, warmup: int, steps: int) -> float:
+def time_loop(loop: Iterator, device: torch.device, warmup: int, steps: int) -> Seconds:
     """Seconds per step of a sampling loop (a generator of steps), after `warmup` steps."""
     try:
         for _ in range(warmup):
@@ -334,7 +360,7 @@ class OursSample(Work):
         )  # three guided channels, as the reference
         self.shape = (len(labels), channels, net.input_size, net.input_size)
 
-    def run(self, warmup: int, steps: int) -> float:
+    def run(self, warmup: int, steps: int) -> Seconds:
         device = self.labels.device
         self.module.ema.eval()  # no label dropout
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.mode.bf16):
@@ -354,7 +380,7 @@ class ReferenceSample(Work):
         self.recipe, self.labels, self.cfg_scale = recipe, labels, cfg_scale
         self.diffusion = reference_recipe.ReferenceDiffusion(str(sample_steps))
 
-    def run(self, warmup: int, steps: int) -> float:
+    def run(self, warmup: int, steps: int) -> Seconds:
         model, labels = self.recipe.ema.eval(), self.labels
         z = torch.randn(len(labels), model.in_channels, *self.recipe.input_hw, device=labels.device)
         y = torch.cat([labels, torch.full_like(labels, model.num_classes)])
@@ -398,6 +424,17 @@ def build_ours(args: argparse.Namespace, device: torch.device) -> DiTModule:
         return DiTModule(model, create_diffusion(), IdentityAutoencoder(), seed=args.seed)
 
 
+def with_repa(module: DiTModule, args: argparse.Namespace) -> DiTModule:
+    """A second module on the same DiT, trained with REPA against a randomly initialised `--repa-encoder`."""
+    from ditlab.training.repa import REPA
+
+    model = module.model
+    repa = REPA(
+        model.config["hidden_size"], args.repa_encoder, model_depth=len(model.blocks), pretrained=False
+    ).to(model.pos_embed.device)
+    return DiTModule(model, module.diffusion, IdentityAutoencoder(), repa=repa, seed=args.seed)
+
+
 # ---- the run ---------------------------------------------------------------------------------------
 
 
@@ -431,13 +468,14 @@ def build_works(
     x, y = batch
     works: dict[Key, Work] = {}
     for kind, mode in itertools.product(args.kinds, modes):
-        if kind == "sample" and (mode.ckpt or mode.pbar):
-            continue  # checkpointing acts only when gradients are taken; the bar only in training
+        if kind == "sample" and (mode.ckpt or mode.pbar or mode.repa):
+            continue  # checkpointing and REPA act only when gradients are taken; the bar only in training
         if kind == "train":
+            trained = with_repa(module, args) if mode.repa else module
             works[kind, mode.name] = (
                 ReferenceTrain(recipe, (x, y))
                 if mode.reference
-                else OursTrain(module, module.model, mode, (x, y), root, args.compile_backend)
+                else OursTrain(trained, module.model, mode, (x, y), root, args.compile_backend)
             )
         else:
             works[kind, mode.name] = (
@@ -448,7 +486,7 @@ def build_works(
     return works
 
 
-def run_block(work: Work, warmup: int, steps: int) -> tuple[float | None, str | None]:
+def run_block(work: Work, warmup: int, steps: int) -> tuple[Seconds | None, str | None]:
     """(seconds of the timed steps, None), or (None, why) when the device ran out of memory."""
     try:
         return work.run(warmup, steps), None
@@ -462,8 +500,10 @@ def run_interleaved(
     works: dict[Key, Work], args: argparse.Namespace, device: torch.device
 ) -> dict[str, dict]:
     """One untimed block per work (its wall time: `warmup_s`), then `args.repeats` rounds, the order
-    reversed every other round. Returns {"times", "rises", "warmup_s", "errors"}, each by key."""
+    reversed every other round. Returns {"times", "cpu_times", "rises", "warmup_s", "errors"}, each by
+    key (times: wall seconds per step of each round, cpu_times: the process's CPU seconds)."""
     times: dict[Key, list[float]] = {key: [] for key in works}
+    cpu_times: dict[Key, list[float]] = {key: [] for key in works}
     rises: dict[Key, int] = dict.fromkeys(works, 0)
     warmup_s: dict[Key, float] = {}
     errors: dict[Key, str] = {}
@@ -487,9 +527,10 @@ def run_interleaved(
             if error:
                 errors[key] = error
             else:
-                times[key].append(seconds)
+                times[key].append(seconds.wall)
+                cpu_times[key].append(seconds.cpu)
                 rises[key] = max(rises[key], probe.rise)
-    return {"times": times, "rises": rises, "warmup_s": warmup_s, "errors": errors}
+    return {"times": times, "cpu_times": cpu_times, "rises": rises, "warmup_s": warmup_s, "errors": errors}
 
 
 def result_rows(
@@ -508,6 +549,7 @@ def result_rows(
         per_image_steps = 1 if kind == "train" else args.sample_steps
         step_flops = 3 * flops if kind == "train" else 2 * flops * args.sample_steps
         median = statistics.median(seconds)
+        cpu_seconds = timing["cpu_times"][kind, mode]
         state = tensor_bytes(works[kind, mode].state())
         img_s = args.batch / (median * per_image_steps)
         rows.append(
@@ -517,6 +559,10 @@ def result_rows(
                 "ms_per_step_min": 1000 * min(seconds),
                 "ms_per_step_max": 1000 * max(seconds),
                 "ms_per_step_blocks": [1000 * s for s in seconds],
+                # the process's CPU time (all threads): robust to other processes' load on a shared CPU
+                "cpu_ms_per_step": 1000 * statistics.median(cpu_seconds),
+                "cpu_ms_per_step_min": 1000 * min(cpu_seconds),
+                "cpu_ms_per_step_max": 1000 * max(cpu_seconds),
                 "img_s": img_s,
                 "img_s_min": args.batch / (max(seconds) * per_image_steps),
                 "img_s_max": args.batch / (min(seconds) * per_image_steps),
@@ -527,15 +573,18 @@ def result_rows(
             }
         )
     for row in rows:
-        ref = next((r for r in rows if r["kind"] == row["kind"] and r["mode"] == "reference"), None)
-        if ref is not None and "img_s" in row and "img_s" in ref:
-            row["vs_reference"] = row["img_s"] / ref["img_s"]
-            # Per round: the reference's time over this mode's, from neighbouring blocks (robust to drift).
+        for base_mode, field in (("reference", "vs_reference"), ("ours", "vs_ours")):
+            base = next((r for r in rows if r["kind"] == row["kind"] and r["mode"] == base_mode), None)
+            if base is None or base is row or "img_s" not in row or "img_s" not in base:
+                continue
+            row[field] = row["img_s"] / base["img_s"]
+            row[field + "_cpu"] = base["cpu_ms_per_step"] / row["cpu_ms_per_step"]
+            # Per round: the base's time over this mode's, from neighbouring blocks (robust to drift).
             paired = [
-                r / m for r, m in zip(ref["ms_per_step_blocks"], row["ms_per_step_blocks"], strict=False)
+                b / m for b, m in zip(base["ms_per_step_blocks"], row["ms_per_step_blocks"], strict=False)
             ]
-            row["vs_reference_paired"] = statistics.median(paired)
-            row["vs_reference_paired_range"] = [min(paired), max(paired)]
+            row[field + "_paired"] = statistics.median(paired)
+            row[field + "_paired_range"] = [min(paired), max(paired)]
         if args.target is not None and row["mode"] != "reference" and "img_s" in row:
             row["target_img_s"], row["meets_target"] = args.target, row["img_s"] >= args.target
     return rows
@@ -592,8 +641,8 @@ def format_table(record: dict[str, Any]) -> str:
     )
     lines = [
         head,
-        f"{'kind':6} {'mode':20} {'ms/step [range]':>24} {'img/s':>9} {'×ref':>6} "
-        f"{'paired ×ref [range]':>20} {'peak GiB':>9} {'MFU':>6} {'warm-up s':>9}",
+        f"{'kind':6} {'mode':20} {'ms/step [range]':>24} {'CPU ms/step':>11} {'img/s':>9} {'×ref':>6} "
+        f"{'paired ×ref [range]':>20} {'×ref CPU':>8} {'×ours':>6} {'peak GiB':>9} {'MFU':>6} {'warm-up s':>9}",
     ]
     for r in record["rows"]:
         if "error" in r:
@@ -605,9 +654,12 @@ def format_table(record: dict[str, Any]) -> str:
         if "vs_reference_paired" in r:
             low, high = r["vs_reference_paired_range"]
             paired = f"{r['vs_reference_paired']:.2f} [{low:.2f}–{high:.2f}]"
+        ratio_cpu = f"{r['vs_reference_cpu']:.2f}" if "vs_reference_cpu" in r else "-"
+        vs_ours = f"{r['vs_ours']:.2f}" if "vs_ours" in r else "-"
         lines.append(
-            f"{r['kind']:6} {r['mode']:20} {spread:>24} {r['img_s']:9.2f} {ratio:>6} {paired:>20} "
-            f"{r['peak_mem_gib']:9.2f} {100 * r['mfu']:5.1f}% {r['warmup_s']:9.1f}"
+            f"{r['kind']:6} {r['mode']:20} {spread:>24} {r['cpu_ms_per_step']:11.1f} {r['img_s']:9.2f} "
+            f"{ratio:>6} {paired:>20} {ratio_cpu:>8} {vs_ours:>6} {r['peak_mem_gib']:9.2f} "
+            f"{100 * r['mfu']:5.1f}% {r['warmup_s']:9.1f}"
         )
         if "target_img_s" in r:
             lines[-1] += f"  target ≥{r['target_img_s']:g}: {'met' if r['meets_target'] else 'NOT met'}"
@@ -683,6 +735,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument(
         "--compile-backend", default="inductor", help="torch.compile backend (aot_eager: a dry run)"
+    )
+    p.add_argument(
+        "--repa-encoder",
+        default="vit_base_patch14_dinov2",
+        help="timm encoder of the -repa modes (DINOv2 B/14)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "bench_results")
