@@ -11,9 +11,9 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from ditlab.cli import run_cli
+from ditlab.cli import import_registering_modules, run_cli
 from ditlab.interop import describe, load_dit
 from ditlab.interop.sampling import generate
 
@@ -39,12 +39,13 @@ def sample(cfg: DictConfig) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
+    import_registering_modules(cfg)
     loaded = load_dit(cfg.ckpt, use_ema=cfg.use_ema, cache_dir=cfg.cache_dir)
     if cfg.vae:
         loaded.autoencoder = {**loaded.autoencoder, "pretrained": cfg.vae}
     guided = guidance_channels(cfg.guidance_channels, loaded.guidance_channels)
     labels = [c for c in cfg.classes for _ in range(cfg.per_class)] if cfg.classes is not None else None
-    name = f"{Path(cfg.ckpt).stem}-{loaded.weights}-{cfg.sampler}{cfg.steps}-cfg{cfg.cfg_scale}"
+    name = f"{Path(cfg.ckpt).stem}-{loaded.weights}-{cfg.sampler.name}{cfg.steps}-cfg{cfg.cfg_scale}"
     name += f"-seed{cfg.seed}-" + ("classes" if labels else str(cfg.num_samples))
     if rank == 0:
         print(
@@ -58,9 +59,10 @@ def sample(cfg: DictConfig) -> None:
         num_samples=cfg.num_samples,
         cfg_scale=cfg.cfg_scale,
         guidance_channels=guided,
-        sampler=cfg.sampler,
+        cfg_interval=None if cfg.cfg_interval is None else list(cfg.cfg_interval),
+        sampler=cfg.sampler.name,
+        sampler_options=OmegaConf.to_container(cfg.sampler.options) if cfg.sampler.get("options") else {},
         steps=cfg.steps,
-        eta=cfg.eta,
         seed=cfg.seed,
         batch_size=cfg.batch_size,
         precision=cfg.precision,

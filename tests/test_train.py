@@ -64,6 +64,10 @@ def option_names(group: str) -> list[str]:
     [
         "block",
         "model",
+        "pos_embed",
+        "norm",
+        "mlp",
+        "repa",
         "sampler",
         "data",
         "autoencoder",
@@ -408,3 +412,28 @@ def test_fsdp_strategy_wraps_each_dit_block():
         cfg = compose("train", overrides=["trainer=fsdp"])
     policy = instantiate(cfg.trainer.strategy).kwargs["auto_wrap_policy"]
     assert isinstance(policy, ModuleWrapPolicy) and policy._module_classes == {DiTBlock}
+
+
+def test_gradient_clipping_clips_the_global_norm_and_refuses_fp16_scaling():
+    from types import SimpleNamespace
+
+    from ditlab.autoencoders.base import IdentityAutoencoder
+
+    model = build_dit("DiT-Ti/4", depth=1, input_size=8, in_channels=1, num_classes=3)
+    module = DiTModule(model, create_diffusion(), IdentityAutoencoder())
+    optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    module.trainer = SimpleNamespace(precision_plugin=SimpleNamespace())  # bf16-mixed and 32-true: no scaler
+    module.configure_gradient_clipping(optimizer, gradient_clip_val=0.5)
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    assert float(norm) == pytest.approx(0.5, rel=1e-4)
+    module.trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=object()))  # 16-mixed
+    with pytest.raises(ValueError, match="the fused AdamW unscales the gradients inside its step"):
+        module.configure_gradient_clipping(optimizer, gradient_clip_val=0.5)
+
+
+def test_bf16_mixed_trains_with_gradient_clipping(tmp_path):
+    # Lightning's mixed-precision plugin refuses to clip with a fused optimizer; the CPU demo clips at 1.
+    run_train(tmp_path, *TINY, "trainer.precision=bf16-mixed", "optim.grad_clip=1.0", "trainer.max_steps=2")
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()

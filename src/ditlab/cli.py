@@ -1,5 +1,6 @@
 """What the entry points share: bad input ends with one clear line and exit status 2, not a traceback."""
 
+import importlib
 import os
 import sys
 from collections.abc import Callable
@@ -37,3 +38,18 @@ def run_cli(fn: Callable[..., Any], *args: Any) -> Any:
             raise
         print(f"error: {error_line(cause)}", file=sys.stderr)
         sys.exit(2)
+
+
+def import_registering_modules(cfg: Any) -> None:
+    """Imports the module each registry entry of the run names (`module:` in conf/block, conf/model,
+    conf/pos_embed, conf/norm, conf/mlp and conf/sampler), so that an entry defined in the user's own
+    package registers itself before it is looked up by name."""
+    for group in ("block", "model", "pos_embed", "norm", "mlp", "sampler"):
+        module = (cfg.get(group) or {}).get("module")
+        if module:
+            try:
+                importlib.import_module(module)
+            except ImportError as err:
+                raise ValueError(
+                    f"{group}.module={module} cannot be imported ({err}); put its package on the Python path"
+                ) from None

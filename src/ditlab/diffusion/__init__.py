@@ -1,4 +1,7 @@
-"""The diffusion objective and samplers of DiT: schedules, Gaussian diffusion, guidance, sampling."""
+"""The objectives and samplers: the paper's Gaussian diffusion (schedules, DDPM/DDIM) and SiT's interpolant
+(ODE/SDE samplers), guidance, sampling."""
+
+from typing import Any
 
 from ditlab.diffusion.gaussian_diffusion import (
     GaussianDiffusion,
@@ -7,20 +10,27 @@ from ditlab.diffusion.gaussian_diffusion import (
     normal_kl,
 )
 from ditlab.diffusion.guidance import cfg_model_fn
-from ditlab.diffusion.sampling import SAMPLERS, Sampler, get_sampler, register_sampler, sample
+from ditlab.diffusion.interpolant import PATHS, Interpolant, Path, register_path
+from ditlab.diffusion.sampling import SAMPLERS, Objective, Sampler, get_sampler, register_sampler, sample
 from ditlab.diffusion.schedules import make_betas, space_timesteps
 
 __all__ = [
+    "PATHS",
     "SAMPLERS",
     "GaussianDiffusion",
+    "Interpolant",
+    "Objective",
+    "Path",
     "Sampler",
     "approx_standard_normal_cdf",
+    "build_objective",
     "cfg_model_fn",
     "create_diffusion",
     "discretized_gaussian_log_likelihood",
     "get_sampler",
     "make_betas",
     "normal_kl",
+    "register_path",
     "register_sampler",
     "sample",
     "space_timesteps",
@@ -51,3 +61,12 @@ def create_diffusion(
     if timestep_respacing in (None, ""):
         return diffusion
     return diffusion.respace(timestep_respacing)
+
+
+def build_objective(spec: dict[str, Any]) -> Objective:
+    """The objective a checkpoint header describes (`ditlab.interop.formats.normalize_diffusion`): SiT's
+    interpolant when its `_target_` names it, else the paper's diffusion."""
+    spec = dict(spec)
+    if spec.pop("_target_", "").endswith("Interpolant"):
+        return Interpolant(**spec)
+    return create_diffusion(**spec)

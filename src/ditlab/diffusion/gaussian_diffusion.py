@@ -148,9 +148,17 @@ class GaussianDiffusion(nn.Module):
                 self._buffers[name] = old.to(new.device, old.dtype)
         return self
 
+    default_sampler = "ddpm"  # the paper's evaluation (src/sample.py sampler=auto)
+
     @property
     def num_timesteps(self) -> int:
         return self.betas.shape[0]
+
+    def sample_t(
+        self, n: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    ) -> Tensor:
+        """Training timesteps (N,), uniform over the T steps (the paper's)."""
+        return torch.randint(0, self.num_timesteps, (n,), device=device, generator=generator)
 
     def extra_repr(self) -> str:
         variance = "learned range" if self.learn_sigma else f"fixed {self.fixed_variance}"
@@ -299,7 +307,7 @@ class GaussianDiffusion(nn.Module):
         """
         n = x0.shape[0]
         if t is None:
-            t = torch.randint(0, self.num_timesteps, (n,), device=x0.device, generator=generator)
+            t = self.sample_t(n, generator, x0.device)
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = self.q_sample(x0, t, noise)

@@ -2,23 +2,32 @@
 
 Training's sample grids, its FID and `src/sample.py` all call `sample`. Image i of a job with seed s draws
 from its own generator, seeded s·SEED_STRIDE + i: its label (when drawn), its starting noise and every
-step's noise come from it, so image i is the same whatever the batch size or the number of processes.
+step's noise come from it, so image i is the same whatever the batch size or the number of processes
+(except for dopri5, whose adaptive steps follow the error of the whole batch, as in SiT).
 
-A sampler is a registered class (`@register_sampler("name")`, from any module) with
-- `process(diffusion, steps)`: the respaced process it walks (the model is still called with the
-  original timesteps), and
+A sampler is a registered class (`@register_sampler("name")`, from any module) that solves one kind of
+objective (`objective`): the paper's `GaussianDiffusion` (ddpm, ddim) or SiT's `Interpolant` (euler, heun,
+dopri5, euler_maruyama). `run(objective, model_fn, x, steps, noise, model_kwargs, clip_denoised)` takes
+the starting noise x to a sample; `noise()` draws the next per-image noise. For a Gaussian diffusion the
+default `run` walks the respaced process of
+- `process(diffusion, steps)` (the model is still called with the original timesteps) with
 - `step(process, model_fn, x, t, noise, model_kwargs, clip_denoised)`: x_t → x_{t-1}, with `noise` the
-  step's noise (None when `stochastic` is False).
+  step's noise (None when `stochastic` is False),
+so that a new diffusion sampler defines only those two.
 """
 
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torchdiffeq
 from torch import Tensor
 
 from ditlab.diffusion.gaussian_diffusion import GaussianDiffusion
 from ditlab.diffusion.guidance import cfg_model_fn
+from ditlab.diffusion.interpolant import Interpolant
+
+Objective = GaussianDiffusion | Interpolant
 
 SEED_STRIDE = 1_000_003  # image i of seed s draws from seed s·SEED_STRIDE + i: streams of seeds stay apart
 ModelFn = Callable[..., Tensor]
@@ -42,7 +51,28 @@ def _randn(generators: list[torch.Generator], shape: tuple[int, ...]) -> Tensor:
 class Sampler:
     """A solver of the reverse process; see the module docstring."""
 
+    name = ""  # set by @register_sampler
+    objective: type = GaussianDiffusion
     stochastic = True
+
+    def run(
+        self,
+        objective: Objective,
+        model_fn: ModelFn,
+        x: Tensor,
+        steps: int,
+        noise: Callable[[], Tensor],
+        model_kwargs: dict[str, Any],
+        clip_denoised: bool = False,
+    ) -> Tensor:
+        """x (N, C, H, W), the starting noise, → the sample; `steps` as the sampler counts them."""
+        process = self.process(objective, steps)
+        n = x.shape[0]
+        for i in range(process.num_timesteps - 1, -1, -1):
+            t = torch.full((n,), i, device=x.device, dtype=torch.long)
+            step_noise = noise() if self.stochastic else None  # per image: independent of batching
+            x = self.step(process, model_fn, x, t, step_noise, model_kwargs, clip_denoised)
+        return x
 
     def process(self, diffusion: GaussianDiffusion, steps: int) -> GaussianDiffusion:
         raise NotImplementedError
@@ -69,6 +99,7 @@ def register_sampler(name: str) -> Callable[[type[Sampler]], type[Sampler]]:
     def add(cls: type[Sampler]) -> type[Sampler]:
         if name in SAMPLERS and SAMPLERS[name] is not cls:
             raise ValueError(f"sampler {name!r} is already registered by {SAMPLERS[name].__qualname__}")
+        cls.name = name
         SAMPLERS[name] = cls
         return cls
 
@@ -119,10 +150,138 @@ class DDIM(Sampler):
         return out["sample"]
 
 
+class FlowSampler(Sampler):
+    """A sampler of SiT's interpolant: integrates from the noise (t0 ≈ 0) to the data (t1 ≈ 1)."""
+
+    objective = Interpolant
+    stochastic = False
+
+    def __init__(self) -> None:
+        self.last_nfe = 0  # model evaluations of the last run (the adaptive solver's vary)
+
+    def velocity_field(
+        self, objective: Interpolant, model_fn: ModelFn, model_kwargs: dict[str, Any]
+    ) -> Callable[[Tensor, Tensor], Tensor]:
+        """f(t, x) = v(x, t) for a scalar time t, counting evaluations."""
+
+        def f(t: Tensor, x: Tensor) -> Tensor:
+            self.last_nfe += 1
+            t_batch = t.to(x.dtype).expand(x.shape[0])
+            return objective.velocity(model_fn(x, t_batch, **model_kwargs), x, t_batch)
+
+        return f
+
+
+class FixedStepODE(FlowSampler):
+    """The probability-flow ODE dx/dt = v(x, t) on `steps` equal steps of [t0, t1] (torchdiffeq)."""
+
+    method = ""
+
+    def run(self, objective, model_fn, x, steps, noise, model_kwargs, clip_denoised=False):
+        self.last_nfe = 0
+        t0, t1 = objective.sample_interval()
+        grid = torch.linspace(t0, t1, steps + 1, device=x.device, dtype=torch.float64).to(x.dtype)
+        f = self.velocity_field(objective, model_fn, model_kwargs)
+        return torchdiffeq.odeint(f, x, grid, method=self.method)[-1]
+
+
+@register_sampler("euler")
+class EulerODE(FixedStepODE):
+    """Euler: x ← x + h·v(x, t); one model evaluation per step."""
+
+    method = "euler"
+
+
+@register_sampler("heun")
+class HeunODE(FixedStepODE):
+    """Heun (explicit trapezoid): two model evaluations per step, second-order accurate."""
+
+    method = "heun2"
+
+
+@register_sampler("dopri5")
+class Dopri5ODE(FlowSampler):
+    """The adaptive Dormand–Prince 5(4) solver on [t0, t1] (SiT's ODE default: atol 1e-6, rtol 1e-3);
+    `steps` is ignored, the number of evaluations follows the tolerances."""
+
+    def __init__(self, atol: float = 1e-6, rtol: float = 1e-3) -> None:
+        super().__init__()
+        if atol <= 0 or rtol <= 0:
+            raise ValueError(f"dopri5 tolerances atol={atol}, rtol={rtol} must be > 0")
+        self.atol, self.rtol = atol, rtol
+
+    def run(self, objective, model_fn, x, steps, noise, model_kwargs, clip_denoised=False):
+        self.last_nfe = 0
+        t0, t1 = objective.sample_interval()
+        ends = torch.tensor([t0, t1], device=x.device, dtype=x.dtype)
+        f = self.velocity_field(objective, model_fn, model_kwargs)
+        return torchdiffeq.odeint(f, x, ends, method="dopri5", atol=self.atol, rtol=self.rtol)[-1]
+
+
+@register_sampler("euler_maruyama")
+class EulerMaruyamaSDE(FlowSampler):
+    """The SDE dx = (v + w·s) dt + sqrt(2w) dW, which has the ODE's marginals, by Euler–Maruyama on
+    `steps` equal steps of [t0, 1 − last_step_size], then SiT's "Mean" last step x + h·(v + w·s) without
+    noise (h = last_step_size): steps + 1 model evaluations. w(t) by `diffusion_form` and
+    `diffusion_norm` (`Interpolant.diffusion_coefficient`; SiT's sampling defaults: sigma, 1, h = 0.04)."""
+
+    stochastic = True
+
+    def __init__(
+        self, diffusion_form: str = "sigma", diffusion_norm: float = 1.0, last_step_size: float = 0.04
+    ) -> None:
+        super().__init__()
+        if not 0 <= last_step_size < 1 or diffusion_norm < 0:
+            raise ValueError(
+                f"euler_maruyama: last_step_size={last_step_size} must be in [0, 1) and "
+                f"diffusion_norm={diffusion_norm} ≥ 0"
+            )
+        self.form, self.norm, self.last_step_size = diffusion_form, diffusion_norm, last_step_size
+
+    def drift(self, objective: Interpolant, out: Tensor, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(v + w·s, w) at (x, t), t (N,)."""
+        w = objective.diffusion_coefficient(t, self.form, self.norm)
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(
+                f"the {self.form} diffusion coefficient is infinite at t={float(t[0]):.3g}: set "
+                "diffusion.sample_eps > 0 (e.g. 1e-3) or use diffusion_form=sigma"
+            )
+        w = w.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
+        return objective.velocity(out, x, t) + w * objective.score(out, x, t), w
+
+    def run(self, objective, model_fn, x, steps, noise, model_kwargs, clip_denoised=False):
+        self.last_nfe = 0
+        t0, t1 = objective.sample_interval(sde=True, last_step_size=self.last_step_size)
+        grid = torch.linspace(t0, t1, steps + 1, dtype=torch.float64)
+        n = x.shape[0]
+        for t, t_next in zip(grid[:-1].tolist(), grid[1:].tolist(), strict=True):
+            dt = t_next - t
+            t_batch = torch.full((n,), t, device=x.device, dtype=x.dtype)
+            drift, w = self.drift(objective, model_fn(x, t_batch, **model_kwargs), x, t_batch)
+            x = x + drift * dt + (2 * w * dt).sqrt() * noise()
+            self.last_nfe += 1
+        if self.last_step_size > 0:
+            t_batch = torch.full((n,), t1, device=x.device, dtype=x.dtype)
+            drift, _ = self.drift(objective, model_fn(x, t_batch, **model_kwargs), x, t_batch)
+            x = x + drift * self.last_step_size
+            self.last_nfe += 1
+        return x
+
+
+def check_fits(solver: Sampler, objective: Objective) -> None:
+    """ValueError unless `solver` samples `objective`'s kind (a Gaussian diffusion or an interpolant)."""
+    if not isinstance(objective, solver.objective):
+        fitting = [name for name, cls in SAMPLERS.items() if isinstance(objective, cls.objective)]
+        raise ValueError(
+            f"sampler={solver.name} samples a {solver.objective.__name__}, not this model's objective (a "
+            f"{type(objective).__name__}): use sampler={' | '.join(fitting)}"
+        )
+
+
 @torch.no_grad()
 def sample(
     model: ModelFn,
-    diffusion: GaussianDiffusion,
+    diffusion: Objective,
     generators: list[torch.Generator],
     shape: tuple[int, int, int],
     *,
@@ -132,12 +291,14 @@ def sample(
     num_classes: int | None = None,
     cfg_scale: float = 1.0,
     guidance_channels: int | None = None,
+    cfg_interval: tuple[float, float] | None = None,
     clip_denoised: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Latents (N, C, H, W) of `shape` (C, H, W) and their labels (N,), one image per generator.
 
     `model(x, t, y)` is the class-conditional network (its null label is `num_classes`); classifier-free
-    guidance with `cfg_scale` acts on the first `guidance_channels` ε channels (None: all). Labels are
+    guidance with `cfg_scale` acts on the first `guidance_channels` ε channels (None: all), at the times in
+    `cfg_interval` only when given (see `cfg_model_fn`). Labels are
     `labels`, or drawn uniformly from [0, num_classes) with each image's generator (before its noise).
     The result is on the generators' device.
     """
@@ -148,14 +309,15 @@ def sample(
     if steps < 1:
         raise ValueError(f"steps={steps} must be ≥ 1")
     solver = get_sampler(sampler) if isinstance(sampler, str) else sampler
-    process = solver.process(diffusion, steps)
+    check_fits(solver, diffusion)
     device = generators[0].device
     if labels is None:
         labels = torch.cat([torch.randint(num_classes, (1,), generator=g, device=device) for g in generators])
-    model_fn = cfg_model_fn(model, cfg_scale, null_class=num_classes, guidance_channels=guidance_channels)
+    model_fn = cfg_model_fn(
+        model, cfg_scale, null_class=num_classes, guidance_channels=guidance_channels, interval=cfg_interval
+    )
     x = _randn(generators, shape)
-    for i in range(process.num_timesteps - 1, -1, -1):
-        t = torch.full((len(generators),), i, device=device, dtype=torch.long)
-        noise = _randn(generators, shape) if solver.stochastic else None  # per image: independent of batching
-        x = solver.step(process, model_fn, x, t, noise, {"y": labels}, clip_denoised)
+    x = solver.run(
+        diffusion, model_fn, x, steps, lambda: _randn(generators, shape), {"y": labels}, clip_denoised
+    )
     return x, labels

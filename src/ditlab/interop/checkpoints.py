@@ -80,7 +80,8 @@ def init_from_checkpoint(
         if k in state_dict and k in own and state_dict[k].shape != own[k].shape
     ]
     merged = {**state_dict, **{k: own[k] for k in kept}}
-    merged.setdefault("pos_embed", own["pos_embed"])
+    if "pos_embed" in own:  # absent with pos_embed="rope"
+        merged.setdefault("pos_embed", own["pos_embed"])
     check_fits(model.config, merged, "you asked for", str(path), file_state_dict=state_dict)
     model.load_state_dict(merged, strict=True)
     if kept:

@@ -66,6 +66,12 @@ def _check_exportable(model: DiT) -> None:
         raise ValueError(
             f"diffusers' DiTTransformer2DModel implements only adaLN-Zero; this model is {describe(config)}"
         )
+    layers = {
+        k: config.get(k, v)
+        for k, v in (("pos_embed", "sincos"), ("norm", "layernorm"), ("qk_norm", False), ("mlp", "gelu"))
+    }
+    if layers != {"pos_embed": "sincos", "norm": "layernorm", "qk_norm": False, "mlp": "gelu"}:
+        raise ValueError(f"diffusers' DiT has the paper's layers; this model has {layers}")
     if config["mlp_ratio"] != 4.0:
         raise ValueError(f"diffusers' DiT has MLP ratio 4; this model has {config['mlp_ratio']}")
 
@@ -307,6 +313,11 @@ def export_diffusers(
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty folder; choose a new folder or delete it")
+    if "_target_" in loaded.diffusion:  # SiT's interpolant: no DiTPipeline scheduler samples it
+        raise ValueError(
+            "diffusers export covers the paper's diffusion; this model trains SiT's interpolant: export "
+            "safetensors instead (src/export.py safetensors=model.safetensors) and sample with src/sample.py"
+        )
     transformer = to_diffusers(loaded.model)
     sched = make_scheduler(loaded.diffusion, scheduler)
     try:

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ditlab.autoencoders import SDVAE, Autoencoder, IdentityAutoencoder
 from ditlab.io import CheckpointFileError, atomic_path, cache_folder, load_torch_file
-from ditlab.models import BLOCKS, DIT_SIZES, PATCH_SIZES, DiT, parse_model_name
+from ditlab.models import BLOCKS, DIT_SIZES, PATCH_SIZES, DiT, complete_config, parse_model_name
 from ditlab.models.embeddings import sincos_pos_embed_2d
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ def identify(state_dict: dict[str, Tensor]) -> dict[str, Any]:
     shapes = {k: v.shape for k, v in state_dict.items()}
     for block in BLOCKS:
         if _meta_state_shapes({**config, "num_heads": config["num_heads"] or 1, "block": block}) == shapes:
-            return {**config, "block": block}
+            return complete_config({**config, "block": block})  # a bare state dict has the paper's layers
     raise ValueError(f"the weights of a {model_name(config)} match none of the blocks {', '.join(BLOCKS)}")
 
 
@@ -296,12 +296,24 @@ def normalize_autoencoder(spec: dict[str, Any]) -> dict[str, Any]:
     raise ValueError(f"unknown autoencoder {spec} in the checkpoint; known: {', '.join(AUTOENCODER_TARGETS)}")
 
 
+INTERPOLANT_TARGET = "ditlab.diffusion.interpolant.Interpolant"
+
+
 def normalize_diffusion(spec: dict[str, Any]) -> dict[str, Any]:
-    """{"learn_sigma", "noise_schedule", "diffusion_steps", "fixed_variance", "predict", "loss"} (the arguments of `create_diffusion`) from a
-    header's diffusion entry, which may be its Hydra config."""
+    """The objective's arguments from a header's diffusion entry (which may be its Hydra config): those of
+    `create_diffusion` for the paper's diffusion; for SiT's interpolant `{"_target_": INTERPOLANT_TARGET,
+    ...}` with the arguments of `Interpolant`. `ditlab.diffusion.build_objective` builds either."""
     target = spec.get("_target_", "ditlab.diffusion.create_diffusion")
+    if target == INTERPOLANT_TARGET:
+        keys = ("path", "predict", "time_sampling", "logit_mean", "logit_std", "train_eps", "sample_eps")
+        return {"_target_": target, "learn_sigma": spec.get("learn_sigma", True)} | {
+            k: spec[k] for k in keys if k in spec
+        }
     if target != "ditlab.diffusion.create_diffusion":
-        raise ValueError(f"unknown diffusion {target!r} in the checkpoint; ditlab samples create_diffusion's")
+        raise ValueError(
+            f"unknown diffusion {target!r} in the checkpoint; ditlab samples create_diffusion's and "
+            f"{INTERPOLANT_TARGET}'s"
+        )
     return {
         "learn_sigma": spec.get("learn_sigma", True),
         "noise_schedule": spec.get("noise_schedule", "linear"),
@@ -418,12 +430,13 @@ def _declared_reference_config(args: dict[str, Any], inferred: dict[str, Any]) -
 def build_model(config: dict[str, Any], state_dict: dict[str, Tensor], declared: str, source: str) -> DiT:
     """DiT(**config) holding `state_dict` (float32), checked key by key and shape by shape."""
     state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
-    if "pos_embed" not in state_dict:  # a fixed function of the shape; some forks do not save it
+    with torch.device("meta"):
+        model = DiT(**config)
+    # A fixed function of the shape; some forks do not save it. None: a model without one (pos_embed="rope").
+    if "pos_embed" not in state_dict and model.pos_embed is not None:
         grid = config["input_size"] // config["patch_size"]
         state_dict["pos_embed"] = sincos_pos_embed_2d(config["hidden_size"], grid)[None]
     check_fits(config, state_dict, declared, source)
-    with torch.device("meta"):
-        model = DiT(**config)
     model.load_state_dict(state_dict, strict=True, assign=True)  # takes the loaded tensors, no init
     return model.requires_grad_(False).eval()
 

@@ -28,8 +28,8 @@ from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from ditlab.autoencoders import Autoencoder, IdentityAutoencoder
-from ditlab.diffusion import create_diffusion
-from ditlab.diffusion.sampling import get_sampler, image_generators, sample
+from ditlab.diffusion import build_objective
+from ditlab.diffusion.sampling import check_fits, get_sampler, image_generators, sample
 from ditlab.interop.formats import LoadedDiT
 from ditlab.io import atomic_path, atomic_write, atomic_write_text
 
@@ -108,9 +108,10 @@ class ImageSampler:
         *,
         cfg_scale: float = 1.0,
         guidance_channels: int | None = None,
+        cfg_interval: tuple[float, float] | None = None,
         sampler: str = "ddpm",
         steps: int = 250,
-        eta: float = 0.0,
+        sampler_options: dict[str, Any] | None = None,
         seed: int = 0,
         precision: str = "fp32",
         device: str | torch.device = "cpu",
@@ -118,9 +119,9 @@ class ImageSampler:
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
-        if eta < 0 or (eta > 0 and sampler != "ddim"):
-            raise ValueError(f"eta={eta}: eta is DDIM's noise level, >= 0, and needs sampler=ddim")
-        self.solver = get_sampler(sampler, **({"eta": eta} if eta else {}))
+        if sampler == "auto":  # the objective's: ddpm for the paper's diffusion, euler for SiT's interpolant
+            sampler = build_objective(loaded.diffusion).default_sampler
+        self.solver = get_sampler(sampler, **(sampler_options or {}))
         if steps < 1 or cfg_scale < 0:
             raise ValueError(f"need steps ≥ 1 and cfg_scale ≥ 0; got steps={steps}, cfg_scale={cfg_scale}")
         model = loaded.model
@@ -131,8 +132,10 @@ class ImageSampler:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.autoencoder = (autoencoder or loaded.build_autoencoder()).to(self.device).eval()
-        self.diffusion = create_diffusion(**loaded.diffusion).to(self.device)
+        self.diffusion = build_objective(loaded.diffusion).to(self.device)
+        check_fits(self.solver, self.diffusion)
         self.steps, self.cfg_scale, self.guidance_channels = steps, cfg_scale, guidance_channels
+        self.cfg_interval = tuple(cfg_interval) if cfg_interval is not None else None
         self.seed, self.precision = seed, precision
         self.channels = loaded.data.get("channels")
         self.shape = (model.in_channels, model.input_size, model.input_size)
@@ -157,6 +160,7 @@ class ImageSampler:
                 num_classes=self.model.num_classes,
                 cfg_scale=self.cfg_scale,
                 guidance_channels=self.guidance_channels,
+                cfg_interval=self.cfg_interval,
                 clip_denoised=self.pixel_space,
             )
             return to_uint8_rgb(self.autoencoder.decode(z, channels=self.channels)), labels
@@ -215,7 +219,7 @@ def generate(
 ) -> dict[str, Path]:
     """Sample `labels` (one image each) or `num_samples` images with uniform labels; see the module docstring.
 
-    `sampling`: the arguments of `ImageSampler` (cfg_scale, guidance_channels, sampler, steps, eta, seed,
+    `sampling`: the arguments of `ImageSampler` (cfg_scale, guidance_channels, cfg_interval, sampler, sampler_options, steps, seed,
     precision, device, autoencoder). The PNG grid shows the first `png_images` images (None: all) in rows
     of `png_nrow`. `job` is extra identifying data (e.g. the checkpoint path) recorded in `<out>.json`
     and checked on resumption; a finished job with the same arguments is not run again. Returns the
@@ -252,6 +256,7 @@ def generate(
         "device": torch.device(settings["device"]).type,  # the kind of device changes the numbers
         "autoencoder": autoencoder.config if autoencoder is not None else loaded.autoencoder,
     }
+    manifest = json.loads(json.dumps(manifest))  # as it reads back from <out>.json (tuples as lists)
     paths = output_paths(out)
     wanted = {kind: paths[kind] for kind, on in (("npz", npz), ("png", png)) if on}
     finished = paths["json"].is_file() and json.loads(paths["json"].read_text()) == manifest

@@ -37,5 +37,8 @@ def forward_flops(model: nn.Module, batch_size: int = 1) -> int:
 
 def gflops(model: nn.Module) -> float:
     """Forward Gflops of one sample, the paper's convention: multiply-adds counted once, attention
-    included. DiT-XL/2 at 32×32×4: 118.6."""
+    included. DiT-XL/2 at 32×32×4: 118.6. Only matrix products (linears, the patch conv) and attention
+    count; elementwise work (norms, activations, gates, RoPE, QK-norm) is free in this convention, so
+    pos_embed=rope, norm=rmsnorm and qk_norm change nothing and mlp=swiglu changes only the MLP's
+    matrices (3·d·h against 8·d² per token and block)."""
     return forward_flops(model) / 2 / 1e9

@@ -1,17 +1,21 @@
 """The DiT backbone (Peebles & Xie 2022), with any of the registered conditioning blocks.
 
 State-dict keys of `adaln_zero` models are those of the reference implementation, so released
-checkpoints (DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt) load with strict=True.
+checkpoints (DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt) load with strict=True. The LightningDiT axes
+(`pos_embed`, `norm`, `qk_norm`, `mlp`) default to the paper's choices, which leave the model unchanged.
 """
 
+import inspect
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ditlab.models.blocks import get_block, modulate
-from ditlab.models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
+from ditlab.models.blocks import PAPER_OPTIONS, BlockOptions, Rope, get_block, modulate, takes_options
+from ditlab.models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, get_pos_embed
 
 
 @dataclass(frozen=True)
@@ -43,11 +47,13 @@ def register_size(name: str, size: DiTSize) -> DiTSize:
 
 
 class FinalLayer(nn.Module):
-    """Affine-free LayerNorm, adaLN shift/scale from c, Linear(d -> p·p·out_channels)."""
+    """Affine-free norm (LayerNorm in the paper), adaLN shift/scale from c, Linear(d -> p·p·out_channels)."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    def __init__(
+        self, hidden_size: int, patch_size: int, out_channels: int, options: BlockOptions = PAPER_OPTIONS
+    ):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm_final = options.make_norm(hidden_size, affine=False)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
@@ -61,6 +67,11 @@ class DiT(nn.Module):
     (N, 2C if learn_sigma else C, H, W) — ε and, with learn_sigma, the variance interpolation v.
 
     Labels lie in [0, num_classes); label `num_classes` is the null label of classifier-free guidance.
+
+    LightningDiT's axes: `pos_embed` "sincos" (the paper's absolute table) | "rope" (2-D rotary q and k in
+    every self-attention) | "sincos_rope" (both, LightningDiT's); `norm` "layernorm" | "rmsnorm" for every
+    norm of the blocks and the final layer; `qk_norm` a norm on each head's q and k; `mlp` "gelu" |
+    "swiglu". Registries: `POS_EMBEDS`, `NORMS`, `MLPS`.
     """
 
     def __init__(
@@ -77,6 +88,10 @@ class DiT(nn.Module):
         num_classes: int = 1000,
         learn_sigma: bool = True,
         block: str = "adaln_zero",
+        pos_embed: str = "sincos",
+        norm: str = "layernorm",
+        qk_norm: bool = False,
+        mlp: str = "gelu",
         gradient_checkpointing: bool = False,
     ):
         super().__init__()
@@ -91,6 +106,22 @@ class DiT(nn.Module):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         block_cls = get_block(block)
+        position = get_pos_embed(pos_embed)
+        options = BlockOptions(norm=norm, mlp=mlp, qk_norm=qk_norm)
+        head_dim, grid_size = hidden_size // num_heads, input_size // patch_size
+        if position.rotary is not None:
+            try:  # fail here rather than at the first forward
+                position.rotary(head_dim, grid_size, None)
+            except ValueError as err:
+                raise ValueError(
+                    f"pos_embed {pos_embed!r}: {err} (hidden_size {hidden_size} / num_heads {num_heads})"
+                ) from None
+        has_options, has_rope = takes_options(block_cls)
+        if (options != PAPER_OPTIONS and not has_options) or (position.rotary is not None and not has_rope):
+            raise ValueError(
+                f"block {block!r} takes no `options` in __init__ or no `rope` in forward, so it only builds "
+                "with norm='layernorm', mlp='gelu', qk_norm=False and a pos_embed without rotary part"
+            )
         self.config = dict(
             input_size=input_size,
             patch_size=patch_size,
@@ -103,6 +134,10 @@ class DiT(nn.Module):
             num_classes=num_classes,
             learn_sigma=learn_sigma,
             block=block,
+            pos_embed=pos_embed,
+            norm=norm,
+            qk_norm=qk_norm,
+            mlp=mlp,
         )
         self.input_size = input_size
         self.patch_size = patch_size
@@ -112,15 +147,21 @@ class DiT(nn.Module):
         self.learn_sigma = learn_sigma
         self.block_cls = block_cls
         self.gradient_checkpointing = gradient_checkpointing
-        self.num_patches = (input_size // patch_size) ** 2
+        self.num_patches = grid_size**2
+        self.head_dim = head_dim
+        self.rotary = position.rotary
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        pos_embed = sincos_pos_embed_2d(hidden_size, input_size // patch_size)[None]  # (1, T, d), fixed
-        self.register_buffer("pos_embed", pos_embed)
-        self.blocks = nn.ModuleList(block_cls(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        # (1, T, d), fixed; a None buffer (rotary only) is left out of the state dict.
+        table = position.absolute(hidden_size, grid_size)[None] if position.absolute is not None else None
+        self.register_buffer("pos_embed", table)
+        block_kwargs = {"options": options} if has_options else {}
+        self.blocks = nn.ModuleList(
+            block_cls(hidden_size, num_heads, mlp_ratio, **block_kwargs) for _ in range(depth)
+        )
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, options)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -149,23 +190,48 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], h, w, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
+    def rope(self, length: int, dtype: torch.dtype, device: torch.device) -> Rope:
+        """cos and sin (length, head_dim/2) of the rotary angles of a sequence of `length` ≥ T tokens, in
+        `dtype` promoted to float32 at least. Tokens after the T image tokens (in-context's t and y) are not
+        on the grid and get angle 0, i.e. no rotation (a logit between one of them and an image token then
+        depends on the image token's absolute position)."""
+        angles = self.rotary(self.head_dim, self.input_size // self.patch_size, device)
+        angles = F.pad(angles, (0, 0, 0, length - self.num_patches))
+        dtype = torch.promote_types(dtype, torch.float32)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x.shape[1:] != (self.in_channels, self.input_size, self.input_size):
             raise ValueError(
                 f"expected input of shape (N, {self.in_channels}, {self.input_size}, {self.input_size}), "
                 f"got {tuple(x.shape)}"
             )
-        tokens = self.x_embedder(x) + self.pos_embed  # (N, T, d)
+        tokens = self.x_embedder(x)  # (N, T, d)
+        if self.pos_embed is not None:
+            tokens = tokens + self.pos_embed
         t_emb = self.t_embedder(t)  # (N, d)
         y_emb = self.y_embedder(y)  # (N, d)
         tokens, cond = self.block_cls.condition(tokens, t_emb, y_emb)
+        # Blocks without a rotary embedding are called as (tokens, cond): a user's block may not take `rope`.
+        rope = () if self.rotary is None else (self.rope(tokens.shape[1], tokens.dtype, tokens.device),)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
-                tokens = checkpoint(block, tokens, cond, use_reentrant=False)
+                tokens = checkpoint(block, tokens, cond, *rope, use_reentrant=False)
             else:
-                tokens = block(tokens, cond)
+                tokens = block(tokens, cond, *rope)
         tokens = self.final_layer(tokens[:, : self.num_patches], t_emb + y_emb)  # drop in-context tokens
         return self.unpatchify(tokens)
+
+
+def complete_config(config: dict[str, Any]) -> dict[str, Any]:
+    """`config` (a saved `DiT.config`) with the `DiT` defaults of the arguments it lacks: a checkpoint saved
+    before an argument existed was built with that argument's default (e.g. pos_embed="sincos")."""
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(DiT).parameters.items()
+        if name != "gradient_checkpointing"
+    }
+    return {**defaults, **config}
 
 
 def parse_model_name(name: str, patch_size: int | None = None) -> tuple[DiTSize, int]:
@@ -199,7 +265,8 @@ def build_dit(
     """Build one point of the design space: `build_dit("DiT-B/4", "adaln")`.
 
     `depth` overrides the size's number of blocks (for depth ablations and fast tests). Extra keyword
-    arguments (mlp_ratio, class_dropout_prob, gradient_checkpointing) go to `DiT`.
+    arguments (mlp_ratio, class_dropout_prob, pos_embed, norm, qk_norm, mlp, gradient_checkpointing) go to
+    `DiT`.
     """
     size, patch_size = parse_model_name(name, patch_size)
     return DiT(

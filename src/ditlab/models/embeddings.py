@@ -1,6 +1,8 @@
-"""Input embeddings of DiT: patches, fixed 2-D positions, timesteps and class labels."""
+"""Input embeddings of DiT: patches, 2-D positions (fixed sin-cos, rotary), timesteps and class labels."""
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -35,6 +37,58 @@ def sincos_pos_embed_2d(hidden_size: int, grid_size: int) -> torch.Tensor:
         return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
     return torch.cat([embed_1d(col), embed_1d(row)], dim=1).float()
+
+
+def rope_angles_2d(head_dim: int, grid_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """Angles of LightningDiT's 2-D rotary position embedding (EVA-02's VisionRotaryEmbeddingFast), float64.
+
+    Returns (grid_size², head_dim/2), token index = row·grid_size + col: one angle per adjacent channel
+    pair (x_2j, x_2j+1) of a head. The pairs of the first half of head_dim turn by row·ω_i, those of the
+    second half by col·ω_i, i < head_dim/4, ω_i = 10000^(−2i/(head_dim/2)). A logit q_a·k_b of rotated q
+    and k then depends on the positions only through (row_a − row_b, col_a − col_b).
+    """
+    if head_dim % 4 != 0:
+        raise ValueError(f"2-D RoPE needs a head_dim divisible by 4, got {head_dim}")
+    half = head_dim // 2
+    omega = 10000.0 ** (-torch.arange(0, half, 2, dtype=torch.float64, device=device) / half)
+    coords = torch.arange(grid_size, dtype=torch.float64, device=device)
+    row, col = torch.meshgrid(coords, coords, indexing="ij")
+    return torch.cat([row.reshape(-1, 1) * omega, col.reshape(-1, 1) * omega], dim=1)
+
+
+@dataclass(frozen=True)
+class PositionEmbedding:
+    """How token positions enter a DiT; either part may be None.
+
+    `absolute(hidden_size, grid_size) -> (T, d)`: a fixed table added to the patch tokens (the `pos_embed`
+    buffer). `rotary(head_dim, grid_size, device) -> (T, head_dim/2)`: angles by which every
+    self-attention rotates q and k (see `ditlab.models.blocks.apply_rope`); computed on each forward, in
+    float64, rather than kept in a buffer that a bf16 cast would round or a meta-device build leave empty.
+    """
+
+    absolute: Callable[[int, int], torch.Tensor] | None = None
+    rotary: Callable[[int, int, torch.device | None], torch.Tensor] | None = None
+
+
+POS_EMBEDS: dict[str, PositionEmbedding] = {
+    "sincos": PositionEmbedding(absolute=sincos_pos_embed_2d),  # the paper's
+    "rope": PositionEmbedding(rotary=rope_angles_2d),
+    "sincos_rope": PositionEmbedding(absolute=sincos_pos_embed_2d, rotary=rope_angles_2d),  # LightningDiT's
+}
+
+
+def register_pos_embed(name: str, embedding: PositionEmbedding) -> PositionEmbedding:
+    """Make `embedding` selectable as `DiT(pos_embed=name)`."""
+    if name in POS_EMBEDS and POS_EMBEDS[name] != embedding:
+        raise ValueError(f"pos_embed {name!r} is already registered as {POS_EMBEDS[name]}")
+    POS_EMBEDS[name] = embedding
+    return embedding
+
+
+def get_pos_embed(name: str) -> PositionEmbedding:
+    if name not in POS_EMBEDS:
+        raise ValueError(f"unknown pos_embed {name!r}; valid pos_embeds: {', '.join(sorted(POS_EMBEDS))}")
+    return POS_EMBEDS[name]
 
 
 class TimestepEmbedder(nn.Module):

@@ -17,6 +17,18 @@ MODEL_ORDER = tuple(
     sorted(DIT_SIZES, key=lambda name: DIT_SIZES[name].depth * DIT_SIZES[name].hidden_size ** 2)
 )
 BLOCK_ORDER = tuple(BLOCKS)
+# The values of the axes the paper's successors added (`ditlab.training.run.coordinates`) that are the
+# paper's own: a run keeps in `axes` only the coordinates that differ, so paper runs keep their labels.
+PAPER_AXES: dict[str, Any] = {
+    "objective": "ddpm",
+    "predict": "epsilon",
+    "time_sampling": "uniform",
+    "pos_embed": "sincos",
+    "norm": "layernorm",
+    "qk_norm": False,
+    "mlp": "gelu",
+    "repa": 0.0,
+}
 BLOCK_NAMES = {
     "in_context": "in-context",
     "cross_attention": "cross-attention",
@@ -49,15 +61,18 @@ class RunResult:
     wandb: dict[str, Any] | None
     fid_history: tuple[dict[str, Any], ...]
     source: str  # the results.json path, or the W&B run path
+    axes: tuple[tuple[str, Any], ...] = ()  # the successors' coordinates where they differ from PAPER_AXES
 
     @property
-    def point(self) -> tuple[str, str, int]:
-        return (self.block, self.model, self.patch)
+    def point(self) -> tuple:
+        return (self.block, self.model, self.patch, self.axes)
 
     @property
     def label(self) -> str:
-        """The paper's short name, e.g. "XL/2"."""
-        return f"{self.model.removeprefix('DiT-')}/{self.patch}"
+        """The paper's short name, e.g. "XL/2", then the axes off the paper's values, e.g.
+        "XL/2 objective=sit_linear, mlp=swiglu"."""
+        label = f"{self.model.removeprefix('DiT-')}/{self.patch}"
+        return label + (" " + ", ".join(f"{k}={v}" for k, v in self.axes) if self.axes else "")
 
 
 @dataclass(frozen=True)
@@ -141,6 +156,11 @@ def parse_record(data: dict[str, Any], source: str) -> RunResult:
         )
     history.sort(key=lambda point: point["train_compute_gflop"])
     seed = data.get("seed")
+    axes = tuple(
+        (key, coordinates[key])
+        for key in PAPER_AXES
+        if key in coordinates and coordinates[key] != PAPER_AXES[key]
+    )
     return RunResult(
         run_name=str(data["run_name"]),
         block=str(coordinates["block"]),
@@ -160,6 +180,7 @@ def parse_record(data: dict[str, Any], source: str) -> RunResult:
         wandb=data.get("wandb"),
         fid_history=tuple(history),
         source=source,
+        axes=axes,
     )
 
 
@@ -246,7 +267,8 @@ def wandb_document(
     data_target = (config.get("data") or {}).get("_target_")
     return {
         "run_name": run.name,
-        "coordinates": {"block": block, "model": model, "patch": patch},
+        # all the axes when the run logged them (`coordinates`), else the paper's three from its config
+        "coordinates": config.get("coordinates") or {"block": block, "model": model, "patch": patch},
         "seed": config.get("seed"),
         "gflops": summary.get("gflops"),
         "params_m": summary.get("params_m"),

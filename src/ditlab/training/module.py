@@ -10,17 +10,17 @@ import lightning as L
 import torch
 from torch import nn
 
-from ditlab.diffusion import GaussianDiffusion
-from ditlab.diffusion.sampling import image_generators, sample, seeded_generator
+from ditlab.diffusion.sampling import Objective, get_sampler, image_generators, sample, seeded_generator
 from ditlab.metrics import count_params, forward_flops
-from ditlab.models import DiT
+from ditlab.models import DiT, complete_config
 from ditlab.training.schedules import linear_warmup
 
 CHECKPOINT_VERSION = 1
 
 
 class DiTModule(L.LightningModule):
-    """Trains `model` (a DiT) on `diffusion.training_losses` with `optimizer` (a partial taking the
+    """Trains `model` (a DiT) on `diffusion.training_losses` (the paper's Gaussian diffusion or SiT's
+    interpolant) with `optimizer` (a partial taking the
     parameters; default: the paper's AdamW, lr 1e-4, no weight decay, fused) under `scheduler` (a partial taking the optimizer; default:
     constant) and an EMA of its weights.
 
@@ -34,6 +34,10 @@ class DiTModule(L.LightningModule):
     checkpoint-swapping layout fit large models and exact resumption less well). It is saved in the
     checkpoint as `ema.*`, so resumption restores it exactly.
 
+    `repa` (optional, `ditlab.training.repa.REPA`): representation alignment of the tokens after block
+    `repa.depth` to a frozen encoder's features of the same images, added to the loss with weight λ; its
+    projector trains with the model (and is saved), its encoder stays frozen and out of checkpoints.
+
     Non-finite losses: the fused AdamW step is skipped on the device (its `found_inf` input), so no
     host sync is needed per step; the run aborts with a clear message once `max_nonfinite_steps`
     steps in a row were skipped (checked at logging steps).
@@ -42,13 +46,14 @@ class DiTModule(L.LightningModule):
     def __init__(
         self,
         model: DiT,
-        diffusion: GaussianDiffusion,
+        diffusion: Objective,
         autoencoder: nn.Module,
         *,
         encode_batches: bool = False,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         ema_decay: float = 0.9999,
+        repa: nn.Module | None = None,
         max_nonfinite_steps: int = 5,
         compile: bool = False,
         seed: int = 0,
@@ -68,6 +73,11 @@ class DiTModule(L.LightningModule):
         )
         self.scheduler_factory = scheduler or linear_warmup
         self.ema_decay = ema_decay
+        self.repa = repa
+        self._repa_tokens: torch.Tensor | None = None
+        if repa is not None:
+            # The tokens after block k, caught on their way through (no change to the model's forward).
+            self.model.blocks[repa.depth - 1].register_forward_hook(self._catch_repa_tokens)
         self.max_nonfinite_steps = max_nonfinite_steps
         self.compile_model = compile
         self.seed = seed
@@ -86,26 +96,36 @@ class DiTModule(L.LightningModule):
             if self.compile_model:
                 self.model.compile()  # in place: state-dict keys stay free of `_orig_mod.`
 
+    def _catch_repa_tokens(self, block: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        self._repa_tokens = output[:, : self.model.num_patches]  # (N, T, d): in-context's t/y tokens dropped
+
     def on_fit_start(self) -> None:
         self.autoencoder.to(self.device)
+        if self.repa is not None:
+            self.repa.encoder_to(self.device)
         batch_size = self.trainer.datamodule.batch_size if self.trainer.datamodule else 1
         self.flops_per_batch = 3 * forward_flops(self.model) * batch_size  # forward + backward ≈ 3×
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
+        images = x
         if self.encode_batches:
             with torch.no_grad():
                 x = self.autoencoder.encode(x)
         t, noise = self.step_noise(x)
         losses = self.diffusion.training_losses(self.model, x, t=t, noise=noise, model_kwargs={"y": y})
+        if self.repa is not None:
+            losses["repa"] = self.repa.loss(self._repa_tokens, images)  # (N,)
+            losses["loss"] = losses["loss"] + self.repa.weight * losses["repa"]
         loss = losses["loss"].mean()
         nonfinite = ~torch.isfinite(loss)
         self.found_inf.copy_(nonfinite)  # AdamW(fused) skips its update when this is 1
         self.nonfinite_in_a_row.copy_(torch.where(nonfinite, self.nonfinite_in_a_row + 1, 0))
         self.nonfinite_total.add_(nonfinite)
         metrics = {"train/loss": loss, "train/mse": losses["mse"].mean()}
-        if "vb" in losses:
-            metrics["train/vb"] = losses["vb"].mean()
+        for term in ("vb", "repa"):
+            if term in losses:
+                metrics[f"train/{term}"] = losses[term].mean()
         self.log_dict(metrics, prog_bar=True)
         self.log("train/nonfinite_steps", self.nonfinite_total.float())
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])  # a Python float: no sync
@@ -120,13 +140,36 @@ class DiTModule(L.LightningModule):
         """
         n, world, rank = x.shape[0], self.trainer.world_size, self.global_rank
         generator = seeded_generator(self.seed, self.global_step, x.device)
-        t = torch.randint(0, self.diffusion.num_timesteps, (n * world,), generator=generator, device=x.device)
+        t = self.diffusion.sample_t(n * world, generator, x.device)
         noise = torch.randn((n * world, *x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)
         return t[rank * n : (rank + 1) * n], noise[rank * n : (rank + 1) * n]
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip by the global norm ourselves: Lightning's mixed-precision plugin refuses any clipping with a
+        fused optimizer because of fp16's loss scaling, which bf16-mixed does not use; under 16-mixed the
+        gradients are still scaled here, so that combination is refused with what to change."""
+        if not gradient_clip_val:
+            return
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            raise ValueError(
+                "optim.grad_clip with trainer.precision=16-mixed: the fused AdamW unscales the gradients inside "
+                "its step, after clipping would act; use trainer.precision=bf16-mixed or optim.grad_clip=null"
+            )
+        if gradient_clip_algorithm not in (None, "norm"):
+            raise ValueError(
+                f"trainer.gradient_clip_algorithm={gradient_clip_algorithm}: only 'norm' is supported"
+            )
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -151,7 +194,10 @@ class DiTModule(L.LightningModule):
             )
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(self.model.parameters())
+        parameters = list(self.model.parameters())
+        if self.repa is not None:
+            parameters += list(self.repa.parameters())  # the projector (the encoder is not a submodule)
+        optimizer = self.optimizer_factory(parameters)
         # Read by fused AdamW/Adam kernels: skip the step on a bad loss (other optimizers ignore it).
         optimizer.found_inf = self.found_inf
         scheduler = self.scheduler_factory(optimizer)
@@ -167,8 +213,10 @@ class DiTModule(L.LightningModule):
         seed: int = 0,
         cfg_scale: float = 1.0,
         sampler: str = "ddim",
+        sampler_options: dict[str, Any] | None = None,
         steps: int = 50,
         guidance_channels: int | None = None,
+        cfg_interval: tuple[float, float] | None = None,
         use_ema: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (N, C, H, W) in [-1, 1] and their labels (N,), from the EMA weights by default.
@@ -185,12 +233,13 @@ class DiTModule(L.LightningModule):
             self.diffusion,
             image_generators(seed, indices, self.device),
             shape,
-            sampler=sampler,
+            sampler=get_sampler(sampler, **(sampler_options or {})),
             steps=steps,
             labels=labels,
             num_classes=net.num_classes,
             cfg_scale=cfg_scale,
             guidance_channels=guidance_channels,
+            cfg_interval=cfg_interval,
         )
         return self.autoencoder.to(self.device).decode(z).clamp(-1, 1), labels
 
@@ -210,6 +259,8 @@ class DiTModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("ditlab", {}).get("model_config")
+        if saved is not None:
+            saved = complete_config(saved)  # a config saved before an option existed has its default
         if saved is not None and saved != self.model.config:
             diff = {
                 k: (saved.get(k), self.model.config.get(k)) for k in saved.keys() | self.model.config.keys()

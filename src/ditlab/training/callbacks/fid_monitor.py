@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from torch.utils.data import DataLoader, Subset
 
-from ditlab.diffusion.sampling import SAMPLERS
+from ditlab.diffusion.sampling import SAMPLERS, get_sampler
 from ditlab.io import atomic_write
 from ditlab.training.callbacks.run_record import images_seen, update_run_record
 
@@ -65,6 +65,8 @@ class FIDMonitor(L.Callback):
         reference: str | None = None,
         num_reference_images: int = 10_000,
         sampler: str = "ddim",
+        sampler_options: dict[str, Any] | None = None,
+        cfg_interval: tuple[float, float] | None = None,
         steps: int = 50,
         cfg_scale: float = 1.0,
         batch_size: int = 100,
@@ -86,6 +88,10 @@ class FIDMonitor(L.Callback):
             raise ValueError(f"callbacks.fid.cfg_scale={cfg_scale} must be ≥ 0 (1: no guidance)")
         if sampler not in SAMPLERS:
             raise ValueError(f"callbacks.fid.sampler={sampler!r}; valid: {', '.join(SAMPLERS)}")
+        # Built once here so that a bad option fails before training, with the sampler named.
+        get_sampler(sampler, **(sampler_options or {}))
+        self.sampler_options = dict(sampler_options or {})
+        self.cfg_interval = tuple(cfg_interval) if cfg_interval is not None else None
         self.output_dir = Path(output_dir)
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
@@ -175,7 +181,9 @@ class FIDMonitor(L.Callback):
                     indices=range(start, start + n),
                     seed=self.seed,
                     cfg_scale=self.cfg_scale,
+                    cfg_interval=self.cfg_interval,
                     sampler=self.sampler,
+                    sampler_options=self.sampler_options,
                     steps=self.steps,
                 )
             features[start - begin : start - begin + n] = net((images.float() + 1) / 2)

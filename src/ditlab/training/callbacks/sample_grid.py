@@ -9,7 +9,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
-from ditlab.diffusion.sampling import SAMPLERS
+from ditlab.diffusion.sampling import SAMPLERS, get_sampler
 
 
 class SampleGrid(L.Callback):
@@ -24,6 +24,8 @@ class SampleGrid(L.Callback):
         max_classes: int = 10,
         cfg_scale: float = 4.0,
         sampler: str = "ddim",
+        sampler_options: dict[str, Any] | None = None,
+        cfg_interval: tuple[float, float] | None = None,
         steps: int = 50,
         seed: int = 0,
     ):
@@ -38,6 +40,10 @@ class SampleGrid(L.Callback):
             raise ValueError(f"callbacks.sample_grid.cfg_scale={cfg_scale} must be ≥ 0 (1: no guidance)")
         if sampler not in SAMPLERS:
             raise ValueError(f"callbacks.sample_grid.sampler={sampler!r}; valid: {', '.join(SAMPLERS)}")
+        # Built once here so that a bad option fails before training, with the sampler named.
+        get_sampler(sampler, **(sampler_options or {}))
+        self.sampler_options = dict(sampler_options or {})
+        self.cfg_interval = tuple(cfg_interval) if cfg_interval is not None else None
         self.output_dir = Path(output_dir) / "samples"
         self.every_n_steps = every_n_steps
         self.per_class = per_class
@@ -66,7 +72,13 @@ class SampleGrid(L.Callback):
         labels = torch.arange(num_classes, device=pl_module.device).repeat_interleave(self.per_class)
         with trainer.precision_plugin.forward_context():
             images, _ = pl_module.sample(
-                labels, seed=self.seed, cfg_scale=self.cfg_scale, sampler=self.sampler, steps=self.steps
+                labels,
+                seed=self.seed,
+                cfg_scale=self.cfg_scale,
+                cfg_interval=self.cfg_interval,
+                sampler=self.sampler,
+                sampler_options=self.sampler_options,
+                steps=self.steps,
             )
         grid = make_grid(images.float().add(1).div(2), nrow=self.per_class, padding=1)
         self.output_dir.mkdir(parents=True, exist_ok=True)
