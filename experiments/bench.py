@@ -425,10 +425,11 @@ def build_ours(args: argparse.Namespace, device: torch.device) -> DiTModule:
 
 
 def with_repa(module: DiTModule, args: argparse.Namespace) -> DiTModule:
-    """A second module on the same DiT, trained with REPA against a randomly initialised `--repa-encoder`."""
+    """A second module on a copy of the DiT (same weights; its own REPA hook), trained with REPA against a
+    randomly initialised `--repa-encoder`."""
     from ditlab.training.repa import REPA
 
-    model = module.model
+    model = copy.deepcopy(module.model)
     repa = REPA(
         model.config["hidden_size"], args.repa_encoder, model_depth=len(model.blocks), pretrained=False
     ).to(model.pos_embed.device)
@@ -475,7 +476,7 @@ def build_works(
             works[kind, mode.name] = (
                 ReferenceTrain(recipe, (x, y))
                 if mode.reference
-                else OursTrain(trained, module.model, mode, (x, y), root, args.compile_backend)
+                else OursTrain(trained, trained.model, mode, (x, y), root, args.compile_backend)
             )
         else:
             works[kind, mode.name] = (

@@ -23,6 +23,7 @@ from torch.nn import functional as F
 from torchvision.utils import save_image
 
 from ditlab.data.fashion_mnist import CLASS_NAMES, FashionMNISTDataModule
+from ditlab.diffusion import SAMPLERS
 from ditlab.interop import load_dit
 from ditlab.interop.sampling import ImageSampler
 from ditlab.io import atomic_write, cache_folder
@@ -168,7 +169,9 @@ def main() -> None:
     )
     parser.add_argument("--per-class", type=int, default=50)
     parser.add_argument("--cfg-scale", type=float, default=4.0)
-    parser.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"))
+    parser.add_argument(
+        "--sampler", default="ddim", choices=("auto", *SAMPLERS), help="auto: the objective's (flow: euler)"
+    )
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default="data")

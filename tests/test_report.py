@@ -110,7 +110,8 @@ def test_table_cells_equal_the_records_in_paper_order(table4_folder):
     records = load_records(table4_folder)
     rows = table4_rows(records)
     assert [row["model"] for row in rows] == ["DiT-S", "DiT-B", "DiT-L", "DiT-XL"]
-    assert list(rows[0])[2:5] == ["fid_p8", "fid_p4", "fid_p2"]  # patch columns coarse to fine
+    assert rows[0]["axes"] == ""  # the paper's own point: no successor axis off its default
+    assert list(rows[0])[3:6] == ["fid_p8", "fid_p4", "fid_p2"]  # patch columns coarse to fine
     by_model = {row["model"]: row for row in rows}
     assert by_model["DiT-B"]["fid_p4"] == 68.38
     for (model, patch), (params_m, gflops, fid) in PAPER_TABLE4.items():
@@ -120,6 +121,27 @@ def test_table_cells_equal_the_records_in_paper_order(table4_folder):
             gflops,
             fid,
         )
+
+
+def test_successor_axes_are_points_of_their_own(tmp_path):
+    paper = record("adaln_zero", "DiT-Ti", 4, 2.8, 0.12, 120.0)
+    flow = record("adaln_zero", "DiT-Ti", 4, 2.8, 0.12, 110.0)
+    flow["coordinates"] |= {
+        "objective": "sit_linear",
+        "predict": "velocity",
+        "sampler": "euler",
+        "norm": "layernorm",
+    }
+    records = load_records(write_records(tmp_path / "runs", [paper, flow]))
+    rows = table4_rows(records)
+    assert [(row["axes"], row["fid_p4"]) for row in rows] == [
+        ("", 120.0),
+        ("objective=sit_linear, predict=velocity, sampler=euler", 110.0),  # norm: at its default, left out
+    ]
+    assert {r.label for r in records} == {
+        "Ti/4",
+        "Ti/4 objective=sit_linear, predict=velocity, sampler=euler",
+    }
 
 
 def test_written_tables_hold_the_record_values(table4_folder, tmp_path):
@@ -154,7 +176,7 @@ def test_model_sizes_outside_the_paper_and_missing_points(tmp_path):
     ]
     rows = table4_rows(load_records(write_records(tmp_path / "runs", docs)))
     assert [row["model"] for row in rows] == ["DiT-Ti", "DiT-S", "DiT-XL"]
-    assert list(rows[0])[2:4] == ["fid_p4", "fid_p2"]  # only the patch sizes that were run
+    assert list(rows[0])[3:5] == ["fid_p4", "fid_p2"]  # only the patch sizes that were run
     assert rows[2]["fid_p2"] is None and rows[2]["gflops_p2"] == 118.64
     assert rows[2]["fid_p4"] is None and rows[2]["gflops_p4"] is None  # not run
     md = report.table4_markdown(load_records(tmp_path / "runs"))

@@ -36,11 +36,12 @@ def test_a_successor_point_trains_samples_and_records_its_coordinates(tmp_path):
         "qk_norm": True,
         "mlp": "swiglu",
         "repa": 0.5,
+        "sampler": "euler",  # the FID's: the interpolant's default
     }
     assert record["fid"] is not None  # sampled with the interpolant's default sampler, Euler
     assert (tmp_path / "samples" / "final.png").is_file()
     (run,) = load_records([tmp_path])
-    assert run.label.startswith("Ti/8 objective=sit_linear")
+    assert run.label.startswith("Ti/8 objective=sit_linear, predict=velocity, pos_embed=sincos_rope")
     assert "mlp=swiglu" in run.label and "repa=0.5" in run.label
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     for sampler in ("auto", "dopri5", "euler_maruyama"):

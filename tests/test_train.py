@@ -108,7 +108,20 @@ def test_train_writes_checkpoint_samples_and_model_info(tmp_path):
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 3
     assert ckpt["ditlab"]["model_config"]["patch_size"] == 8
-    assert ckpt["ditlab"]["coordinates"] == {"block": "adaln_zero", "model": "DiT-Ti", "patch": 8}
+    coordinates = ckpt["ditlab"]["coordinates"]
+    assert {k: coordinates[k] for k in ("block", "model", "patch")} == {
+        "block": "adaln_zero",
+        "model": "DiT-Ti",
+        "patch": 8,
+    }
+    assert {k: coordinates[k] for k in ("objective", "pos_embed", "norm", "qk_norm", "mlp", "repa")} == {
+        "objective": "ddpm",
+        "pos_embed": "sincos",
+        "norm": "layernorm",
+        "qk_norm": False,
+        "mlp": "gelu",
+        "repa": 0.0,
+    }
     assert any(k.startswith("ema.") for k in ckpt["state_dict"])
     assert not any("_orig_mod" in k for k in ckpt["state_dict"])
     model_sd = {k[6:]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
@@ -331,7 +344,13 @@ def test_fid_is_logged_and_recorded_for_the_report(tmp_path):
     ]
     proc = run_train(tmp_path, "debug=tiny", *fid, "trainer.max_steps=2", "logger=csv")
     record = json.loads((tmp_path / "results.json").read_text())
-    assert record["coordinates"] == {"block": "adaln_zero", "model": "DiT-Ti", "patch": 8}
+    assert {k: record["coordinates"][k] for k in ("block", "model", "patch", "objective", "sampler")} == {
+        "block": "adaln_zero",
+        "model": "DiT-Ti",
+        "patch": 8,
+        "objective": "ddpm",
+        "sampler": "ddim",
+    }
     assert [p["step"] for p in record["fid_history"]] == [1, 2]
     assert record["fid"] == record["fid_history"][-1]["fid"] and 0 < record["fid"] < 1000
     assert record["images_seen"] == 2 * 16
@@ -424,11 +443,15 @@ def test_gradient_clipping_clips_the_global_norm_and_refuses_fp16_scaling():
     optimizer = torch.optim.AdamW(model.parameters(), fused=True)
     for p in model.parameters():
         p.grad = torch.randn_like(p)
-    module.trainer = SimpleNamespace(precision_plugin=SimpleNamespace())  # bf16-mixed and 32-true: no scaler
+    module.trainer = SimpleNamespace(
+        precision_plugin=SimpleNamespace(), strategy=None
+    )  # bf16, fp32: no scaler
     module.configure_gradient_clipping(optimizer, gradient_clip_val=0.5)
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
     assert float(norm) == pytest.approx(0.5, rel=1e-4)
-    module.trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=object()))  # 16-mixed
+    module.trainer = SimpleNamespace(
+        precision_plugin=SimpleNamespace(scaler=object()), strategy=None
+    )  # 16-mixed
     with pytest.raises(ValueError, match="the fused AdamW unscales the gradients inside its step"):
         module.configure_gradient_clipping(optimizer, gradient_clip_val=0.5)
 

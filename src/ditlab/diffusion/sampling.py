@@ -182,7 +182,9 @@ class FixedStepODE(FlowSampler):
         t0, t1 = objective.sample_interval()
         grid = torch.linspace(t0, t1, steps + 1, device=x.device, dtype=torch.float64).to(x.dtype)
         f = self.velocity_field(objective, model_fn, model_kwargs)
-        return torchdiffeq.odeint(f, x, grid, method=self.method)[-1]
+        # Steps on `grid`, states kept only at its ends (not one per step).
+        options = {"grid_constructor": lambda *_: grid}
+        return torchdiffeq.odeint(f, x, grid[[0, -1]], method=self.method, options=options)[-1]
 
 
 @register_sampler("euler")

@@ -17,9 +17,10 @@ MODEL_ORDER = tuple(
     sorted(DIT_SIZES, key=lambda name: DIT_SIZES[name].depth * DIT_SIZES[name].hidden_size ** 2)
 )
 BLOCK_ORDER = tuple(BLOCKS)
-# The values of the axes the paper's successors added (`ditlab.training.run.coordinates`) that are the
-# paper's own: a run keeps in `axes` only the coordinates that differ, so paper runs keep their labels.
-PAPER_AXES: dict[str, Any] = {
+# The default values of the coordinates beyond (block, model, patch) (`ditlab.training.run.coordinates`):
+# the paper's choices for the successors' axes, and the training FID's sampler (DDIM). A run keeps in
+# `axes` only the coordinates that differ, so the paper's runs keep their labels.
+DEFAULT_AXES: dict[str, Any] = {
     "objective": "ddpm",
     "predict": "epsilon",
     "time_sampling": "uniform",
@@ -28,6 +29,7 @@ PAPER_AXES: dict[str, Any] = {
     "qk_norm": False,
     "mlp": "gelu",
     "repa": 0.0,
+    "sampler": "ddim",
 }
 BLOCK_NAMES = {
     "in_context": "in-context",
@@ -61,7 +63,7 @@ class RunResult:
     wandb: dict[str, Any] | None
     fid_history: tuple[dict[str, Any], ...]
     source: str  # the results.json path, or the W&B run path
-    axes: tuple[tuple[str, Any], ...] = ()  # the successors' coordinates where they differ from PAPER_AXES
+    axes: tuple[tuple[str, Any], ...] = ()  # the successors' coordinates where they differ from DEFAULT_AXES
 
     @property
     def point(self) -> tuple:
@@ -114,6 +116,7 @@ class PointResult:
     block = property(lambda self: self.runs[0].block)
     model = property(lambda self: self.runs[0].model)
     patch = property(lambda self: self.runs[0].patch)
+    axes = property(lambda self: self.runs[0].axes)
     gflops = property(lambda self: self.runs[0].gflops)
     params_m = property(lambda self: self.runs[0].params_m)
     label = property(lambda self: self.runs[0].label)
@@ -158,8 +161,8 @@ def parse_record(data: dict[str, Any], source: str) -> RunResult:
     seed = data.get("seed")
     axes = tuple(
         (key, coordinates[key])
-        for key in PAPER_AXES
-        if key in coordinates and coordinates[key] != PAPER_AXES[key]
+        for key in DEFAULT_AXES
+        if key in coordinates and coordinates[key] != DEFAULT_AXES[key]
     )
     return RunResult(
         run_name=str(data["run_name"]),

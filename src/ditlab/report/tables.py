@@ -35,11 +35,11 @@ def table4_rows(records: Iterable[RunResult]) -> list[dict[str, Any]]:
     points = group_points(records)
     patches = sorted({p.patch for p in points}, reverse=True)
     fields = ("fid", "fid_min", "fid_max", "seeds", "gflops", "params_m")
-    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    rows: dict[tuple, dict[str, Any]] = {}
     for p in points:
         row = rows.setdefault(
-            (p.block, p.model),
-            {"block": p.block, "model": p.model}
+            (p.block, p.model, p.axes),
+            {"block": p.block, "model": p.model, "axes": axes_text(p.axes)}
             | {f"{f}_p{patch}": None for f in fields for patch in patches},
         )
         row |= _spread_fields(p.fid, f"_p{p.patch}")
@@ -51,10 +51,16 @@ def table4_rows(records: Iterable[RunResult]) -> list[dict[str, Any]]:
 def block_rows(records: Iterable[RunResult]) -> list[dict[str, Any]]:
     """The conditioning-block comparison: one row per point, blocks in the paper's order."""
     return [
-        {"block": p.block, "model": p.model, "patch": p.patch, "gflops": p.gflops, "params_m": p.params_m}
+        {"block": p.block, "model": p.model, "patch": p.patch, "axes": axes_text(p.axes)}
+        | {"gflops": p.gflops, "params_m": p.params_m}
         | _spread_fields(p.fid)
         for p in group_points(records)
     ]
+
+
+def axes_text(axes: tuple[tuple[str, Any], ...]) -> str:
+    """The coordinates off their defaults, "objective=sit_linear, mlp=swiglu" ("" for the paper's)."""
+    return ", ".join(f"{k}={v}" for k, v in axes)
 
 
 def _fmt(value: Any, digits: int) -> str:
@@ -105,12 +111,14 @@ def table4_markdown(records: Sequence[RunResult]) -> str:
     text = []
     for block in dict.fromkeys(p.block for p in points):
         lines = []
-        for model in dict.fromkeys(p.model for p in points if p.block == block):
-            at: dict[int, PointResult] = {p.patch: p for p in points if (p.block, p.model) == (block, model)}
+        for model, axes in dict.fromkeys((p.model, p.axes) for p in points if p.block == block):
+            at: dict[int, PointResult] = {
+                p.patch: p for p in points if (p.block, p.model, p.axes) == (block, model, axes)
+            }
             params = sorted(p.params_m for p in at.values())
             low, high = f"{params[0]:.1f}", f"{params[-1]:.1f}"
             lines.append(
-                [model]
+                [f"{model} {axes_text(axes)}".strip()]
                 + [fid_cell(at[p].fid) if p in at else "—" for p in patches]
                 + [_fmt(at[p].gflops, 2) if p in at else "—" for p in patches]
                 + [low if low == high else f"{low}–{high}"]

@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 from ditlab.diffusion.sampling import Objective, get_sampler, image_generators, sample, seeded_generator
@@ -158,6 +159,9 @@ class DiTModule(L.LightningModule):
         fused optimizer because of fp16's loss scaling, which bf16-mixed does not use; under 16-mixed the
         gradients are still scaled here, so that combination is refused with what to change."""
         if not gradient_clip_val:
+            return
+        if isinstance(self.trainer.strategy, FSDPStrategy):  # the norm over all shards: FSDP's own clipping
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             raise ValueError(

@@ -102,7 +102,8 @@ def world_size(cfg: DictConfig) -> int:
 def coordinates(cfg: DictConfig) -> dict[str, Any]:
     """The run's point in the design space, as logged to W&B config and tags and kept in results.json:
     the paper's axes (block, model, patch) and its successors' (objective, what the model predicts, how
-    training times are drawn, position embedding, norm, QK-norm, MLP, REPA's weight λ or 0)."""
+    training times are drawn, position embedding, norm, QK-norm, MLP, REPA's weight λ or 0) and the
+    sampler of its FID."""
     diffusion = cfg.diffusion
     interpolant = diffusion._target_.endswith("Interpolant")
     return {
@@ -117,6 +118,7 @@ def coordinates(cfg: DictConfig) -> dict[str, Any]:
         "qk_norm": bool(cfg.qk_norm),
         "mlp": cfg.mlp.name,
         "repa": float(cfg.repa.weight) if cfg.repa else 0.0,
+        "sampler": ((cfg.callbacks or {}).get("fid") or {}).get("sampler") or cfg.sampler.name,  # the FID's
     }
 
 
