@@ -467,3 +467,23 @@ def test_bf16_mixed_trains_with_gradient_clipping(tmp_path):
     # Lightning's mixed-precision plugin refuses to clip with a fused optimizer; the CPU demo clips at 1.
     run_train(tmp_path, *TINY, "trainer.precision=bf16-mixed", "optim.grad_clip=1.0", "trainer.max_steps=2")
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_cpu_precision_auto_is_bf16_only_with_native_bf16(tmp_path):
+    from omegaconf import OmegaConf
+
+    from ditlab.training.run import cpu_has_native_bf16, resolve_devices
+
+    for flags, native in (
+        ("fpu avx2 avx512f", False),
+        ("fpu avx512f avx512_bf16", True),
+        ("amx_bf16 amx_tile", True),
+    ):
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert cpu_has_native_bf16(str(tmp_path / "cpuinfo")) is native
+    assert cpu_has_native_bf16(str(tmp_path / "missing")) is False
+    if not torch.cuda.is_available():
+        cfg = OmegaConf.create({"trainer": {"accelerator": "auto", "precision": "auto"}})
+        resolve_devices(cfg)
+        assert cfg.trainer.accelerator == "cpu"
+        assert cfg.trainer.precision == ("bf16-mixed" if cpu_has_native_bf16() else "32-true")
