@@ -119,8 +119,9 @@ class ImageSampler:
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+        objective = build_objective(loaded.diffusion)
         if sampler == "auto":  # the objective's: ddpm for the paper's diffusion, euler for SiT's interpolant
-            sampler = build_objective(loaded.diffusion).default_sampler
+            sampler = objective.default_sampler
         self.solver = get_sampler(sampler, **(sampler_options or {}))
         if steps < 1 or cfg_scale < 0:
             raise ValueError(f"need steps ≥ 1 and cfg_scale ≥ 0; got steps={steps}, cfg_scale={cfg_scale}")
@@ -132,7 +133,7 @@ class ImageSampler:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.autoencoder = (autoencoder or loaded.build_autoencoder()).to(self.device).eval()
-        self.diffusion = build_objective(loaded.diffusion).to(self.device)
+        self.diffusion = objective.to(self.device)
         check_fits(self.solver, self.diffusion)
         self.steps, self.cfg_scale, self.guidance_channels = steps, cfg_scale, guidance_channels
         self.cfg_interval = tuple(cfg_interval) if cfg_interval is not None else None
