@@ -18,9 +18,11 @@ from ditlab.data.fashion_mnist import DEBIAN_DIR
 from ditlab.metrics import features as features_module
 from ditlab.metrics.evaluation import evaluate_samples, format_metrics, write_metrics_json
 from ditlab.metrics.features import (
+    SPATIAL_CHANNELS,
     TORCHSCRIPT_PIP,
     InceptionFeatures,
     find_inception_torchscript,
+    load_inception_torchscript,
     tf1_resize_bilinear,
 )
 from ditlab.metrics.fid import PrecomputedFeatures, frechet_metric, real_gaussian
@@ -412,6 +414,39 @@ def inception() -> InceptionFeatures:
     return InceptionFeatures()
 
 
+def test_folded_inception_agrees_with_the_torchscript_graph(inception):
+    # The folded network against the TorchScript file's own forward on the same preprocessed images, 9 of them
+    # so that the CPU path runs one chunk of 8 and one of 1.
+    layers, _ = load_inception_torchscript()
+    images = torch.from_numpy(random_images(9, seed=3, size=32)).permute(0, 3, 1, 2)
+    out = inception.features(images)
+    with torch.no_grad():
+        x = inception.preprocess(images)
+        for name, layer in layers.named_children():
+            if name == "mixed_6":
+                spatial = layer.conv(x)[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1)
+            x = layer(x)
+    for ours, graph in ((out["pool"], x.flatten(1)), (out["spatial"], spatial)):
+        assert (ours - graph).abs().max() <= 1e-5 * graph.abs().max()  # float32 rounding, another order
+
+
+def test_average_pool_tower_commutes_its_conv_in_float64():
+    # relu(bn(conv1x1(avg_pool(x)))), the TF graph's order, against the tower's conv-then-pool, in float64 where
+    # only the exact algebra is left; the pool counts no padding, so border pixels average fewer inputs.
+    g = torch.Generator().manual_seed(0)
+    node = nn.Module()
+    for name, shape in (("weight", (5, 6, 1, 1)), ("beta", (5,)), ("mean", (5,))):
+        setattr(node, name, torch.randn(shape, generator=g, dtype=torch.float64))
+    node.var, node.stride, node.padding = torch.rand(5, generator=g, dtype=torch.float64) + 0.5, 1, 0
+    x = torch.randn(2, 6, 7, 7, generator=g, dtype=torch.float64)
+    pooled = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+    graph = F.batch_norm(F.conv2d(pooled, node.weight), node.mean, node.var, None, node.beta, eps=1e-3).relu()
+    torch.testing.assert_close(features_module._Tower([node], pool="avg")(x), graph, rtol=1e-12, atol=1e-12)
+    node.weight = torch.randn(5, 6, 3, 3, generator=g, dtype=torch.float64)
+    with pytest.raises(ValueError, match="one 1×1 conv"):
+        features_module._Tower([node], pool="avg")
+
+
 def test_real_inception_features(inception):
     images = torch.from_numpy(random_images(2, seed=7, size=16)).permute(0, 3, 1, 2)
     precision_flag = torch.backends.cudnn.conv.fp32_precision
@@ -421,8 +456,6 @@ def test_real_inception_features(inception):
     assert out["pool"].shape == (2, 2048) and out["spatial"].shape == (2, 17 * 17 * 7) and "logits" not in out
     assert torch.isfinite(out["pool"]).all() and (out["pool"] >= 0).all() and out["pool"].std() > 0
     assert out["pool"].dtype == torch.float32 and torch.equal(inception(images), out["pool"])  # deterministic
-    # The wrapper runs the TorchScript graph unchanged: its own forward on the preprocessed input agrees.
-    torch.testing.assert_close(inception.layers(inception.preprocess(images)).flatten(1), out["pool"])
     torch.testing.assert_close(inception(images.float() / 255), out["pool"], rtol=1e-4, atol=1e-4)
     grey = images[:, :1]
     torch.testing.assert_close(inception(grey), inception(grey.expand(-1, 3, -1, -1)))

