@@ -289,7 +289,8 @@ def test_a_new_mlp_is_one_registered_function():
         model = tiny("adaln", mlp="test_relu")
         assert isinstance(model.blocks[0].mlp[1], nn.ReLU)
         assert model(*inputs()).shape == (3, 6, 16, 16)
-        with pytest.raises(ValueError, match="already registered"):
-            register_mlp("test_relu")(relu_mlp)
+        assert register_mlp("test_relu")(relu_mlp) is relu_mlp  # the same function again: a no-op
+        with pytest.raises(ValueError, match=r"mlp 'test_relu' is already registered as .*relu_mlp"):
+            register_mlp("test_relu")(lambda hidden_size, mlp_ratio: nn.Identity())
     finally:
         MLPS.pop("test_relu")

@@ -248,8 +248,11 @@ def test_a_new_block_is_one_registered_class():
             16,
             16,
         )
-        with pytest.raises(ValueError, match="already registered"):
-            register_block("test_prenorm_only")(PreNormMLPBlock)
+        assert register_block("test_prenorm_only")(PreNormMLPBlock) is PreNormMLPBlock  # again: a no-op
+        with pytest.raises(
+            ValueError, match=r"block 'test_prenorm_only' is already registered as .*PreNormMLPBlock"
+        ):
+            register_block("test_prenorm_only")(type("Other", (PreNormMLPBlock,), {}))
     finally:
         BLOCKS.pop("test_prenorm_only")
 

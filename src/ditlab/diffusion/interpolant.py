@@ -20,6 +20,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ditlab.registry import Registry
+
 PREDICTIONS = ("velocity", "noise", "score")
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 ModelFn = Callable[..., Tensor]
@@ -35,20 +37,8 @@ class Path:
         raise NotImplementedError
 
 
-PATHS: dict[str, type[Path]] = {}
-
-
-def register_path(name: str) -> Callable[[type[Path]], type[Path]]:
-    """Class decorator: make a `Path` available as `diffusion.path=name`."""
-
-    def add(cls: type[Path]) -> type[Path]:
-        if name in PATHS and PATHS[name] is not cls:
-            raise ValueError(f"path {name!r} is already registered by {PATHS[name].__qualname__}")
-        cls.name = name
-        PATHS[name] = cls
-        return cls
-
-    return add
+PATHS: Registry[type[Path]] = Registry("path")
+register_path = PATHS.register  # @register_path("name") on a Path: `diffusion.path=name`
 
 
 @register_path("linear")

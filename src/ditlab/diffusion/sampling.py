@@ -26,6 +26,7 @@ from torch import Tensor
 from ditlab.diffusion.gaussian_diffusion import GaussianDiffusion
 from ditlab.diffusion.guidance import cfg_model_fn
 from ditlab.diffusion.interpolant import Interpolant
+from ditlab.registry import Registry
 
 Objective = GaussianDiffusion | Interpolant
 
@@ -90,28 +91,17 @@ class Sampler:
         raise NotImplementedError
 
 
-SAMPLERS: dict[str, type[Sampler]] = {}
-
-
-def register_sampler(name: str) -> Callable[[type[Sampler]], type[Sampler]]:
-    """Class decorator: make a `Sampler` available as `sampler=name` (grids, FID, `src/sample.py`)."""
-
-    def add(cls: type[Sampler]) -> type[Sampler]:
-        if name in SAMPLERS and SAMPLERS[name] is not cls:
-            raise ValueError(f"sampler {name!r} is already registered by {SAMPLERS[name].__qualname__}")
-        cls.name = name
-        SAMPLERS[name] = cls
-        return cls
-
-    return add
+SAMPLERS: Registry[type[Sampler]] = Registry("sampler")
+register_sampler = (
+    SAMPLERS.register
+)  # @register_sampler("name") on a Sampler: `sampler=name` (grids, FID, sample.py)
 
 
 def get_sampler(name: str, **options: Any) -> Sampler:
     """The registered sampler `name`, built with `options` (e.g. eta for ddim)."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(SAMPLERS)}")
+    cls = SAMPLERS[name]
     try:
-        return SAMPLERS[name](**options)
+        return cls(**options)
     except TypeError:
         raise ValueError(f"sampler {name!r} takes no option(s) {', '.join(options)}") from None
 

@@ -22,56 +22,19 @@ import torch.nn.functional as F
 from timm.layers import Mlp, SwiGLU
 from torch import nn
 
-BLOCKS: dict[str, type["DiTBlock"]] = {}
-NORMS: dict[str, Callable[[int, bool], nn.Module]] = {}
-MLPS: dict[str, Callable[[int, float], nn.Module]] = {}
+from ditlab.registry import Registry
+
+BLOCKS: Registry[type["DiTBlock"]] = Registry("block")
+# norm(dim, affine) -> module; `affine=False` where the paper's LayerNorm has no parameters (adaLN, final layer).
+NORMS: Registry[Callable[[int, bool], nn.Module]] = Registry("norm")
+# mlp(hidden_size, mlp_ratio) -> module, (N, T, d) -> (N, T, d).
+MLPS: Registry[Callable[[int, float], nn.Module]] = Registry("mlp")
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos and sin of the rotary angles, each (L, head_dim/2)
 
 
-def register_block(name: str) -> Callable[[type["DiTBlock"]], type["DiTBlock"]]:
-    """Class decorator that makes a block selectable by `name` (`build_dit(block=name)`, `block=name`)."""
-
-    def register(cls: type["DiTBlock"]) -> type["DiTBlock"]:
-        if name in BLOCKS:
-            raise ValueError(f"block {name!r} is already registered by {BLOCKS[name].__qualname__}")
-        cls.name = name
-        BLOCKS[name] = cls
-        return cls
-
-    return register
-
-
-def get_block(name: str) -> type["DiTBlock"]:
-    return _lookup(BLOCKS, "block", name)
-
-
-def register_norm(
-    name: str,
-) -> Callable[[Callable[[int, bool], nn.Module]], Callable[[int, bool], nn.Module]]:
-    """Decorator that makes `norm(dim, affine) -> module` selectable as `DiT(norm=name)`. `affine=False`
-    is asked where the paper's LayerNorm has no parameters (adaLN blocks, final layer)."""
-    return partial(_register, NORMS, "norm", name)
-
-
-def register_mlp(
-    name: str,
-) -> Callable[[Callable[[int, float], nn.Module]], Callable[[int, float], nn.Module]]:
-    """Decorator that makes `mlp(hidden_size, mlp_ratio) -> module` ((N, T, d) -> (N, T, d)) selectable as
-    `DiT(mlp=name)`."""
-    return partial(_register, MLPS, "mlp", name)
-
-
-def _register(registry: dict, kind: str, name: str, entry: Callable) -> Callable:
-    if name in registry:
-        raise ValueError(f"{kind} {name!r} is already registered by {registry[name].__qualname__}")
-    registry[name] = entry
-    return entry
-
-
-def _lookup(registry: dict, kind: str, name: str):
-    if name not in registry:
-        raise ValueError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(sorted(registry))}")
-    return registry[name]
+register_block = BLOCKS.register  # @register_block("name") on a DiTBlock subclass: `block=name`
+register_norm = NORMS.register  # @register_norm("name") on norm(dim, affine): `norm=name`
+register_mlp = MLPS.register  # @register_mlp("name") on mlp(hidden_size, mlp_ratio): `mlp=name`
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -116,8 +79,7 @@ class BlockOptions:
     qk_norm: bool = False
 
     def __post_init__(self) -> None:
-        _lookup(NORMS, "norm", self.norm)
-        _lookup(MLPS, "mlp", self.mlp)
+        _ = NORMS[self.norm], MLPS[self.mlp]  # an unknown name fails here, in one line
 
     def make_norm(self, dim: int, affine: bool = True) -> nn.Module:
         return NORMS[self.norm](dim, affine)

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ditlab.models.blocks import PAPER_OPTIONS, BlockOptions, Rope, get_block, modulate, takes_options
-from ditlab.models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, get_pos_embed
+from ditlab.models.blocks import BLOCKS, PAPER_OPTIONS, BlockOptions, Rope, modulate, takes_options
+from ditlab.models.embeddings import POS_EMBEDS, LabelEmbedder, PatchEmbed, TimestepEmbedder
+from ditlab.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -26,24 +27,24 @@ class DiTSize:
     in_paper: bool = True
 
 
-DIT_SIZES: dict[str, DiTSize] = {
-    "DiT-S": DiTSize(depth=12, hidden_size=384, num_heads=6),
-    "DiT-B": DiTSize(depth=12, hidden_size=768, num_heads=12),
-    "DiT-L": DiTSize(depth=24, hidden_size=1024, num_heads=16),
-    "DiT-XL": DiTSize(depth=28, hidden_size=1152, num_heads=16),
-    # Not in the paper: the CPU demo's size (and the tests'). Shallow rather than narrow: on two CPU cores
-    # 4 blocks of d=192 at patch 4 learn Fashion-MNIST footwear in 8 minutes, 12 blocks at patch 8 do not.
-    "DiT-Ti": DiTSize(depth=4, hidden_size=192, num_heads=3, in_paper=False),
-}
+DIT_SIZES: Registry[DiTSize] = Registry(
+    "model size",
+    {
+        "DiT-S": DiTSize(depth=12, hidden_size=384, num_heads=6),
+        "DiT-B": DiTSize(depth=12, hidden_size=768, num_heads=12),
+        "DiT-L": DiTSize(depth=24, hidden_size=1024, num_heads=16),
+        "DiT-XL": DiTSize(depth=28, hidden_size=1152, num_heads=16),
+        # Not in the paper: the CPU demo's size (and the tests'). Shallow rather than narrow: on two CPU cores
+        # 4 blocks of d=192 at patch 4 learn Fashion-MNIST footwear in 8 minutes, 12 blocks at patch 8 do not.
+        "DiT-Ti": DiTSize(depth=4, hidden_size=192, num_heads=3, in_paper=False),
+    },
+)
 PATCH_SIZES = (2, 4, 8)  # the paper's; any patch size dividing the input works
 
 
-def register_size(name: str, size: DiTSize) -> DiTSize:
-    """Make `size` available as `model=<name>` (with a `conf/model/<name>.yaml` naming your module)."""
-    if name in DIT_SIZES and DIT_SIZES[name] != size:
-        raise ValueError(f"model size {name!r} is already registered as {DIT_SIZES[name]}")
-    DIT_SIZES[name] = size
-    return size
+register_size = (
+    DIT_SIZES.register
+)  # register_size("name", DiTSize(...)): `model=name` (with its conf/model YAML)
 
 
 class FinalLayer(nn.Module):
@@ -105,8 +106,8 @@ class DiT(nn.Module):
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        block_cls = get_block(block)
-        position = get_pos_embed(pos_embed)
+        block_cls = BLOCKS[block]
+        position = POS_EMBEDS[pos_embed]
         options = BlockOptions(norm=norm, mlp=mlp, qk_norm=qk_norm)
         head_dim, grid_size = hidden_size // num_heads, input_size // patch_size
         if position.rotary is not None:

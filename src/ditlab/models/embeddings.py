@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ditlab.registry import Registry
+
 
 class PatchEmbed(nn.Module):
     """Patchify (N, C, H, W) into (N, T, d) tokens, T = (H/p)·(W/p), with a conv of kernel = stride = p."""
@@ -70,25 +72,21 @@ class PositionEmbedding:
     rotary: Callable[[int, int, torch.device | None], torch.Tensor] | None = None
 
 
-POS_EMBEDS: dict[str, PositionEmbedding] = {
-    "sincos": PositionEmbedding(absolute=sincos_pos_embed_2d),  # the paper's
-    "rope": PositionEmbedding(rotary=rope_angles_2d),
-    "sincos_rope": PositionEmbedding(absolute=sincos_pos_embed_2d, rotary=rope_angles_2d),  # LightningDiT's
-}
+POS_EMBEDS: Registry[PositionEmbedding] = Registry(
+    "pos_embed",
+    {
+        "sincos": PositionEmbedding(absolute=sincos_pos_embed_2d),  # the paper's
+        "rope": PositionEmbedding(rotary=rope_angles_2d),
+        "sincos_rope": PositionEmbedding(
+            absolute=sincos_pos_embed_2d, rotary=rope_angles_2d
+        ),  # LightningDiT's
+    },
+)
 
 
-def register_pos_embed(name: str, embedding: PositionEmbedding) -> PositionEmbedding:
-    """Make `embedding` selectable as `DiT(pos_embed=name)`."""
-    if name in POS_EMBEDS and POS_EMBEDS[name] != embedding:
-        raise ValueError(f"pos_embed {name!r} is already registered as {POS_EMBEDS[name]}")
-    POS_EMBEDS[name] = embedding
-    return embedding
-
-
-def get_pos_embed(name: str) -> PositionEmbedding:
-    if name not in POS_EMBEDS:
-        raise ValueError(f"unknown pos_embed {name!r}; valid pos_embeds: {', '.join(sorted(POS_EMBEDS))}")
-    return POS_EMBEDS[name]
+register_pos_embed = (
+    POS_EMBEDS.register
+)  # register_pos_embed("name", PositionEmbedding(...)): `pos_embed=name`
 
 
 class TimestepEmbedder(nn.Module):

@@ -1,0 +1,41 @@
+"""The registry of a design axis: one name → entry table per axis (blocks, sizes, norms, MLPs, position
+embeddings, interpolant paths, samplers), which a config names and a user's module can extend."""
+
+from collections.abc import Callable
+from typing import Any, TypeVar, overload
+
+T = TypeVar("T")
+
+
+class Registry(dict[str, T]):
+    """A dict of one axis's entries, by name, that says what went wrong in one line.
+
+    - `@REGISTRY.register("name")` on a class or function, or `REGISTRY.register("name", entry)`; a class gets
+      `name` as an attribute. The same entry again is a no-op (a module imported twice); another entry under a
+      taken name raises ValueError.
+    - `REGISTRY["name"]` of a name not registered raises ValueError naming the valid ones (a config error).
+    """
+
+    def __init__(self, kind: str, entries: dict[str, T] | None = None) -> None:
+        super().__init__(entries or {})
+        self.kind = kind  # as the config says it: "block", "norm", "sampler", ...
+
+    @overload
+    def register(self, name: str) -> Callable[[T], T]: ...
+    @overload
+    def register(self, name: str, entry: T) -> T: ...
+    def register(self, name: str, entry: Any = None) -> Any:
+        def add(entry: T) -> T:
+            taken = self.get(name)
+            if taken is not None and taken is not entry and taken != entry:
+                owner = getattr(taken, "__qualname__", taken)
+                raise ValueError(f"{self.kind} {name!r} is already registered as {owner}")
+            if isinstance(entry, type):
+                entry.name = name
+            self[name] = entry
+            return entry
+
+        return add if entry is None else add(entry)
+
+    def __missing__(self, name: str) -> T:
+        raise ValueError(f"unknown {self.kind} {name!r}; valid {self.kind}s: {', '.join(sorted(self))}")
