@@ -142,6 +142,14 @@ def test_successor_axes_are_points_of_their_own(tmp_path):
         "Ti/4",
         "Ti/4 objective=sit_linear, predict=velocity, sampler=euler",
     }
+    # A record from before the sampler was a coordinate: the one its FID names.
+    del flow["coordinates"]["sampler"]
+    flow["fid_sampler"], paper["fid_sampler"] = "euler 50 steps, cfg 1.0", "ddim 50 steps, cfg 1.0"
+    older = load_records(write_records(tmp_path / "older", [paper, flow]))
+    assert [row["axes"] for row in table4_rows(older)] == [
+        "",
+        "objective=sit_linear, predict=velocity, sampler=euler",
+    ]
 
 
 def test_written_tables_hold_the_record_values(table4_folder, tmp_path):
