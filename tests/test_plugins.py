@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from ditlab.diffusion import SAMPLERS
+from ditlab.diffusion import PATHS, SAMPLERS
+from ditlab.diffusion.interpolant import Interpolant
 from ditlab.models import BLOCKS, DIT_SIZES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,3 +55,19 @@ def test_a_users_block_size_sampler_and_dataset_train_and_sample(tmp_path):
     assert (tmp_path / "samples" / "final.png").is_file()  # sampled with the plugin's sampler
     # ditlab's own registries are untouched in this process: the plugin lives outside it.
     assert "film" not in BLOCKS and "DiT-Pico" not in DIT_SIZES and "ddim_noisy" not in SAMPLERS
+
+
+def test_a_users_interpolant_path_is_imported_by_its_module():
+    # In a child process, so that this one's PATHS stay ditlab's own.
+    code = (
+        "import torch; from ditlab.diffusion.interpolant import Interpolant; "
+        "i = Interpolant(path='quadratic', path_module='ditlab_plugins'); "
+        "t = torch.tensor([0.0, 0.5, 1.0]); print([c.tolist() for c in i.path.coefficients(t)])"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{PLUGINS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[[0.0, 0.25, 1.0], [1.0, 0.75, 0.0], [0.0, 1.0, 2.0], [-0.0, -1.0, -2.0]]"
+    assert "quadratic" not in PATHS
+    with pytest.raises(ValueError, match=r"^diffusion.path_module=no_such_plugin cannot be imported"):
+        Interpolant(path="quadratic", path_module="no_such_plugin")

@@ -1,4 +1,5 @@
-"""A user's own design-space entries, outside `src/ditlab`: a fifth block, a size, a sampler and a dataset.
+"""A user's own design-space entries, outside `src/ditlab`: a fifth block, a size, a sampler, a dataset and an
+interpolant path.
 Each is one class (or one registered value) here plus one YAML in `conf/` beside this file."""
 
 from pathlib import Path
@@ -7,6 +8,8 @@ import torch
 from torch import nn
 
 from ditlab.data.base import ImageDataModule, InMemoryImageDataset, collate_batched
+from ditlab.diffusion.interpolant import Path as InterpolantPath
+from ditlab.diffusion.interpolant import register_path
 from ditlab.diffusion.sampling import DDIM, register_sampler
 from ditlab.models import DiTBlock, DiTSize, register_block, register_size
 from ditlab.models.blocks import Attention, mlp
@@ -30,6 +33,14 @@ class FiLMBlock(DiTBlock):
         x = x + self.attn(self.norm1(x))
         gamma, beta = self.film(cond)[:, None].chunk(2, dim=-1)  # (N, 1, d) each
         return x + self.mlp(self.norm2(x)) * (1 + gamma) + beta
+
+
+@register_path("quadratic")
+class QuadraticPath(InterpolantPath):
+    """α_t = t², σ_t = 1 − t²: from noise at t = 0 to data at t = 1, slower near the noise."""
+
+    def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return t**2, 1 - t**2, 2 * t, -2 * t
 
 
 @register_sampler("ddim_noisy")

@@ -14,6 +14,7 @@ Every prediction converts to the velocity and the score given x_t, which is all 
 half of the output channels is unused, as in SiT (the final layer keeps the paper's width).
 """
 
+import importlib
 import math
 from collections.abc import Callable
 
@@ -73,6 +74,7 @@ class Interpolant(nn.Module):
 
     Args:
         path: a registered path ("linear", "gvp").
+        path_module: the module that registers `path` (`@register_path`), imported first: yours, for your own.
         predict: "velocity", "noise" or "score" (what the first C output channels are).
         time_sampling: training t "uniform" on [t0, t1], or "logit_normal" (t = sigmoid(n),
             n ~ N(logit_mean, logit_std²), mapped onto [t0, t1]; LightningDiT's, SD3's).
@@ -94,8 +96,17 @@ class Interpolant(nn.Module):
         train_eps: float | None = None,
         sample_eps: float | None = None,
         learn_sigma: bool = True,
+        path_module: str | None = None,
     ) -> None:
         super().__init__()
+        if path_module:
+            try:
+                importlib.import_module(path_module)
+            except ImportError as err:
+                raise ValueError(
+                    f"diffusion.path_module={path_module} cannot be imported ({err}); put its package on the "
+                    "Python path"
+                ) from None
         if path not in PATHS:
             raise ValueError(f"diffusion.path={path!r} is unknown; valid: {', '.join(PATHS)}")
         if predict not in PREDICTIONS:

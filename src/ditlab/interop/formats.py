@@ -305,7 +305,8 @@ def normalize_diffusion(spec: dict[str, Any]) -> dict[str, Any]:
     ...}` with the arguments of `Interpolant`. `ditlab.diffusion.build_objective` builds either."""
     target = spec.get("_target_", "ditlab.diffusion.create_diffusion")
     if target == INTERPOLANT_TARGET:
-        keys = ("path", "predict", "time_sampling", "logit_mean", "logit_std", "train_eps", "sample_eps")
+        keys = ("path", "path_module", "predict", "time_sampling", "logit_mean", "logit_std")
+        keys += ("train_eps", "sample_eps")
         return {"_target_": target, "learn_sigma": spec.get("learn_sigma", True)} | {
             k: spec[k] for k in keys if k in spec
         }

@@ -166,7 +166,8 @@ class _Conv(nn.Module):
         self.stride, self.padding = node.stride, node.padding
 
     def forward(self, x: Tensor, relu: bool = True) -> Tensor:
-        x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        # In the input's dtype, as the TorchScript node (a no-op for the float32 that `preprocess` gives).
+        x = F.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.stride, self.padding)
         return x.relu_() if relu else x
 
 
@@ -249,8 +250,8 @@ class FoldedInception(nn.Module):
     (`torch.nn.utils.fusion`), ReLU in place, each average-pool branch's 1×1 conv before its pool (`_Tower`).
     On a CPU these passes (norms, ReLUs, pools) took ~37% of the TorchScript graph's time, ~12% here.
 
-    Input: (N, 3, 299, 299) preprocessed images. Returns `pool` (N, 2048) and `mixed_6` (N, 768, 17, 17), whose
-    first 192 channels are `mixed_6/conv` (the block's first tower), the source of the sFID features.
+    Input: (N, 3, 299, 299) preprocessed images. Returns `pool` (N, 2048) and the first `SPATIAL_CHANNELS` of
+    `mixed_6/conv` (N, 7, 17, 17), the sFID features: mixed_6's first tower, so its output's first channels.
     """
 
     def __init__(self, layers: nn.Module) -> None:
@@ -274,10 +275,10 @@ class FoldedInception(nn.Module):
         for i, block in enumerate(self.mixed):  # 35 (mixed-mixed_2), 17 (mixed_3-mixed_7), 8 (mixed_8)
             x = block(x)
             if i == 6:
-                mixed_6 = x
+                spatial = x[:, :SPATIAL_CHANNELS].clone()  # a copy: the rest of mixed_6 is freed
         for block in self.mixed_split:
             x = block(x)
-        return F.avg_pool2d(x, 8).flatten(1), mixed_6  # pool2 over the 8×8 grid
+        return F.avg_pool2d(x, 8).flatten(1), spatial  # pool2 over the 8×8 grid
 
 
 class InceptionFeatures(nn.Module):
@@ -338,9 +339,9 @@ class InceptionFeatures(nn.Module):
         if device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
         with _full_fp32(x.device.type):
-            pool, mixed_6 = self.net(x)
-            spatial = mixed_6[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1)  # TF's (H, W, C) order
-            out = {"pool": pool.contiguous(), "spatial": spatial.flatten(1).contiguous()}
+            pool, spatial = self.net(x)
+            spatial = spatial.permute(0, 2, 3, 1).flatten(1)  # TF's (H, W, C) order
+            out = {"pool": pool.contiguous(), "spatial": spatial.contiguous()}
             if self.fc_weight is not None:
                 out["logits"] = out["pool"] @ self.fc_weight.T
         return out

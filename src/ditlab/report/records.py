@@ -159,10 +159,11 @@ def parse_record(data: dict[str, Any], source: str) -> RunResult:
         )
     history.sort(key=lambda point: point["train_compute_gflop"])
     seed = data.get("seed")
-    if "sampler" not in coordinates and isinstance(data.get("fid_sampler"), str):
+    fid_sampler = data.get("fid_sampler")
+    if "sampler" not in coordinates and isinstance(fid_sampler, str) and fid_sampler.split():
         # Records written before the FID's sampler became a coordinate name it in `fid_sampler`
         # ("euler 50 steps, cfg 1.0").
-        coordinates = {**coordinates, "sampler": data["fid_sampler"].split()[0]}
+        coordinates = {**coordinates, "sampler": fid_sampler.split()[0]}
     axes = tuple(
         (key, coordinates[key])
         for key in DEFAULT_AXES
