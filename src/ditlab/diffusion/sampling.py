@@ -92,9 +92,8 @@ class Sampler:
 
 
 SAMPLERS: Registry[type[Sampler]] = Registry("sampler")
-register_sampler = (
-    SAMPLERS.register
-)  # @register_sampler("name") on a Sampler: `sampler=name` (grids, FID, sample.py)
+# @register_sampler("name") on a Sampler: `sampler=name` (grids, FID, sample.py)
+register_sampler = SAMPLERS.register
 
 
 def get_sampler(name: str, **options: Any) -> Sampler:

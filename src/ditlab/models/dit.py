@@ -42,9 +42,8 @@ DIT_SIZES: Registry[DiTSize] = Registry(
 PATCH_SIZES = (2, 4, 8)  # the paper's; any patch size dividing the input works
 
 
-register_size = (
-    DIT_SIZES.register
-)  # register_size("name", DiTSize(...)): `model=name` (with its conf/model YAML)
+# register_size("name", DiTSize(...)): `model=name` (with its conf/model YAML)
+register_size = DIT_SIZES.register
 
 
 class FinalLayer(nn.Module):

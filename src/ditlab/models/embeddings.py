@@ -77,16 +77,14 @@ POS_EMBEDS: Registry[PositionEmbedding] = Registry(
     {
         "sincos": PositionEmbedding(absolute=sincos_pos_embed_2d),  # the paper's
         "rope": PositionEmbedding(rotary=rope_angles_2d),
-        "sincos_rope": PositionEmbedding(
-            absolute=sincos_pos_embed_2d, rotary=rope_angles_2d
-        ),  # LightningDiT's
+        # LightningDiT's
+        "sincos_rope": PositionEmbedding(absolute=sincos_pos_embed_2d, rotary=rope_angles_2d),
     },
 )
 
 
-register_pos_embed = (
-    POS_EMBEDS.register
-)  # register_pos_embed("name", PositionEmbedding(...)): `pos_embed=name`
+# register_pos_embed("name", PositionEmbedding(...)): `pos_embed=name`
+register_pos_embed = POS_EMBEDS.register
 
 
 class TimestepEmbedder(nn.Module):
