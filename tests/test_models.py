@@ -142,10 +142,11 @@ def reference_forward(sd, x, t, y, *, patch, heads, out_channels):
 
     h = F.conv2d(x, sd["x_embedder.proj.weight"], sd["x_embedder.proj.bias"], stride=patch)
     tokens = h.flatten(2).transpose(1, 2) + sd["pos_embed"]
-    # The reference computes the sinusoidal timestep features in float32 whatever the model's dtype.
-    freqs = torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float32) / 128)
-    args = t.float()[:, None] * freqs
-    t_freq = torch.cat([torch.cos(args), torch.sin(args)], -1).double()
+    # The reference computes the sinusoidal timestep features in float32 whatever the model's dtype;
+    # ditlab in float64 for a float64 model (the float32 values differ across CPUs by ~1e-5).
+    freqs = torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float64) / 128)
+    args = t.double()[:, None] * freqs
+    t_freq = torch.cat([torch.cos(args), torch.sin(args)], -1)
     t_emb = linear(F.silu(linear(t_freq, "t_embedder.mlp.0")), "t_embedder.mlp.2")
     c = t_emb + sd["y_embedder.embedding_table.weight"][y]
     d = tokens.shape[-1]

@@ -101,11 +101,14 @@ class TimestepEmbedder(nn.Module):
         self.max_period = max_period
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        # Frequencies in float32 on every call (not a buffer) so that casting the model to bf16 cannot
-        # round them; torch.compile folds them into a constant.
+        # Frequencies on every call (not a buffer) so that casting the model to bf16 cannot round them;
+        # torch.compile folds them into a constant. float32 as the reference computes them, but float64
+        # in a float64 model: float32 cos/sin at t ≈ 1000 differ across CPUs by ~1e-5 (MKL's code path
+        # depends on the vendor), which a float64 model would otherwise carry into every output.
+        dtype = torch.promote_types(torch.float32, self.mlp[0].weight.dtype)
         half = self.frequency_embedding_size // 2
-        exponent = torch.arange(half, dtype=torch.float32, device=t.device) / half
-        args = t.float()[:, None] * torch.exp(-math.log(self.max_period) * exponent)[None]
+        exponent = torch.arange(half, dtype=dtype, device=t.device) / half
+        args = t.to(dtype)[:, None] * torch.exp(-math.log(self.max_period) * exponent)[None]
         t_freq = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
 
