@@ -4,6 +4,8 @@ Prints FID, sFID, Inception Score, precision and recall against the reference, n
 that produced them, and writes them to <samples>.metrics.json. Options: conf/evaluate.yaml.
 """
 
+from typing import Any
+
 import hydra
 import torch
 from omegaconf import DictConfig
@@ -16,7 +18,10 @@ from ditlab.metrics.reference import load_reference
 
 
 def evaluate(cfg: DictConfig) -> None:
-    npz_image_shape(cfg.samples)  # a bad samples file fails now, not after the reference statistics
+    try:  # a bad samples file fails now, not after the reference statistics
+        npz_image_shape(cfg.samples)
+    except (ValueError, FileNotFoundError) as err:
+        raise type(err)(f"samples: {err}") from None
     device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     net = InceptionFeatures(cfg.inception, fc_weights_path=cfg.inception_fc_weights)
     reference = load_reference(
@@ -33,8 +38,8 @@ def evaluate(cfg: DictConfig) -> None:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
-def main(cfg: DictConfig) -> None:
-    run_cli(evaluate, cfg)
+def main(cfg: DictConfig) -> Any:
+    return run_cli(evaluate, cfg)
 
 
 if __name__ == "__main__":

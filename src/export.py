@@ -5,6 +5,8 @@ python src/export.py ckpt=DiT-XL-2-256x256.pt diffusers=dit-xl-2-256 vae=path/to
 python src/export.py ckpt=DiT-XL-2-256x256.pt diffusers=dit-xl-2-256 include_vae=false   # offline
 """
 
+from typing import Any
+
 import hydra
 from omegaconf import DictConfig
 
@@ -13,8 +15,8 @@ from ditlab.interop.export import export
 
 
 @hydra.main(config_path="../conf", config_name="export", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    run_cli(export, cfg)
+def main(cfg: DictConfig) -> Any:
+    return run_cli(export, cfg)
 
 
 if __name__ == "__main__":

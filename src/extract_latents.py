@@ -7,6 +7,7 @@ Rerun the same command to resume an interrupted extraction.
 """
 
 import os
+from typing import Any
 
 import hydra
 import torch
@@ -55,8 +56,8 @@ def extract(cfg: DictConfig) -> None:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="extract_latents")
-def main(cfg: DictConfig) -> None:
-    run_cli(extract, cfg)
+def main(cfg: DictConfig) -> Any:
+    return run_cli(extract, cfg)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,17 @@
 import importlib
 import os
 import sys
+import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from omegaconf.errors import OmegaConfBaseException
+
+from ditlab.sweep import JobFailure
 
 HANDLED = (ValueError, OSError, OmegaConfBaseException)
 
@@ -28,16 +34,37 @@ def error_line(error: BaseException) -> str:
 def run_cli(fn: Callable[..., Any], *args: Any) -> Any:
     """Runs `fn(*args)` for an entry point (`src/*.py`, all Hydra apps). Our validation
     (ValueError, FileNotFoundError), a config error, or a file-system error (permissions, a full disk)
-    exits with status 2 and one line. HYDRA_FULL_ERROR=1 shows the traceback instead."""
+    exits with status 2 and one line. HYDRA_FULL_ERROR=1 shows the traceback instead.
+
+    In a sweep (`-m`) no error ends the process: the job prints its line (and the traceback of an
+    unexpected error: an OOM, a NaN, a bug) and returns a `JobFailure`, the sweep goes on with the next
+    point, and `ditlab.sweep.SweepSummary` lists every job's outcome at the end."""
+    sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         return fn(*args)
     except (*HANDLED, InstantiationException) as error:
         # Hydra's instantiate wraps what a constructor raised (our validation of a callback's values).
         cause = error.__cause__ if isinstance(error, InstantiationException) else error
-        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not isinstance(cause, HANDLED):
+        expected = isinstance(cause, HANDLED)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not (expected or sweep):
             raise
+        if not expected:
+            return _failed_job(error)
         print(f"error: {error_line(cause)}", file=sys.stderr)
+        if sweep:
+            return JobFailure(error=error_line(cause))
         sys.exit(2)
+    except Exception as error:
+        if not sweep:
+            raise
+        return _failed_job(error)
+
+
+def _failed_job(error: BaseException) -> JobFailure:
+    """An unexpected error in a sweep's job: its traceback printed and kept, the sweep goes on."""
+    trace = "".join(traceback.format_exception(error))
+    print(trace, file=sys.stderr)
+    return JobFailure(error=f"{type(error).__name__}: {error_line(error)}", traceback=trace)
 
 
 def import_registering_modules(cfg: Any) -> None:
@@ -53,3 +80,12 @@ def import_registering_modules(cfg: Any) -> None:
                 raise ValueError(
                     f"{group}.module={module} cannot be imported ({err}); put its package on the Python path"
                 ) from None
+
+
+def wandb_logged_in() -> bool:
+    """Whether W&B has an API key (`WANDB_API_KEY`, or `wandb login`'s netrc entry), checked without the
+    network: without one, online W&B calls fail only after wandb's retries."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")

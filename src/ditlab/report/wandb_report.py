@@ -19,7 +19,7 @@ def log_to_wandb(records: Sequence[RunResult], written: dict[str, Path], *, grou
     entities = {(r.wandb or {}).get("entity") for r in records} - {None}
     mode = os.environ.get("WANDB_MODE")
     if mode is None:
-        from ditlab.training.run import wandb_logged_in  # torch and Lightning: only when needed
+        from ditlab.cli import wandb_logged_in
 
         mode = "online" if wandb_logged_in() else "offline"
     out = next(iter(written.values())).parent
