@@ -8,14 +8,16 @@ Under torchrun every rank samples its own range of images on cuda:LOCAL_RANK; ra
 
 import os
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ditlab.cli import import_registering_modules, run_cli
-from ditlab.interop import describe, load_dit
+from ditlab.interop import describe, load_dit, resolve_checkpoint
 from ditlab.interop.sampling import generate
+from ditlab.io import content_sha256
 
 
 def guidance_channels(value: int | str, recommended: int | None) -> int | None:
@@ -39,7 +41,19 @@ def sample(cfg: DictConfig) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
+    if cfg.classes is not None and not (OmegaConf.is_list(cfg.classes) and len(cfg.classes)):
+        raise ValueError(
+            f"classes={cfg.classes} is {'empty' if OmegaConf.is_list(cfg.classes) else 'not a list'}: give the "
+            f"classes to sample, e.g. classes=[0,1,2] (per_class={cfg.per_class} images of each), or "
+            f"classes=null for num_samples={cfg.num_samples} images with uniformly drawn labels"
+        )
+    if cfg.classes is not None and cfg.per_class < 1:
+        raise ValueError(f"per_class={cfg.per_class} is out of range: it must be ≥ 1 (images of each class)")
     import_registering_modules(cfg)
+    # The whole file's sha256 (about a second per GB, next to hours of sampling), before it is loaded: a
+    # resumed job must not add shards of newer weights to old ones. Size and mtime would miss a copy that
+    # keeps them; a hash of parts of the file would miss weights outside those parts.
+    checkpoint_sha256 = content_sha256(resolve_checkpoint(cfg.ckpt, cfg.cache_dir))
     loaded = load_dit(cfg.ckpt, use_ema=cfg.use_ema, cache_dir=cfg.cache_dir)
     if cfg.vae:
         loaded.autoencoder = {**loaded.autoencoder, "pretrained": cfg.vae}
@@ -76,14 +90,15 @@ def sample(cfg: DictConfig) -> None:
         keep_parts=cfg.keep_parts,
         progress=cfg.progress,
         job={"ckpt": str(cfg.ckpt), "use_ema": cfg.use_ema},
+        checkpoint_sha256=checkpoint_sha256,
     )
     for kind, path in written.items():
         print(f"{kind}: {path}")
 
 
 @hydra.main(config_path="../conf", config_name="sample", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    run_cli(sample, cfg)
+def main(cfg: DictConfig) -> Any:
+    return run_cli(sample, cfg)
 
 
 if __name__ == "__main__":

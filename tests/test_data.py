@@ -256,7 +256,7 @@ def test_image_folder_datamodule(tmp_path):
         root=str(tmp_path / "train"), image_size=16, batch_size=5, random_flip=False, num_workers=0
     )
     assert dm.class_names == ["ant", "zebra"] and dm.num_classes == 2 and dm.channels == 3
-    assert dm.val_dataloader() == []  # no val_root: no validation set
+    assert dm.build_dataset("val", random_flip=False) is None  # no val_root: no validation set
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (5, 3, 16, 16) and x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
     assert sorted(y.tolist()) == [0, 0, 1, 1, 1]

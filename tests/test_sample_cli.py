@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ditlab.grids import grid_image
 from ditlab.interop.checkpoints import load_dit
 from ditlab.interop.sampling import generate
 from ditlab.models import DiT
@@ -18,9 +19,13 @@ TINY = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, 
 
 @pytest.fixture
 def ckpt(tmp_path) -> Path:
-    """A ditlab checkpoint of a tiny pixel-space model with random (non-zero) EMA weights."""
+    return write_tiny_ckpt(tmp_path / "tiny.ckpt")
+
+
+def write_tiny_ckpt(path: Path, seed: int = 0) -> Path:
+    """A ditlab checkpoint of a tiny pixel-space model with random (non-zero) EMA weights drawn from `seed`."""
     model = DiT(**TINY)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
@@ -32,8 +37,8 @@ def ckpt(tmp_path) -> Path:
         "autoencoder": {"name": "identity", "pretrained": None, "scale_factor": 1.0},
         "data": {"name": "toy", "num_classes": 3, "image_size": 8, "channels": 1, "class_names": None},
     }
-    torch.save({"state_dict": state, "ditlab": header}, tmp_path / "tiny.ckpt")
-    return tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": state, "ditlab": header}, path)
+    return path
 
 
 def sample_cli(tmp_path: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -70,7 +75,10 @@ def test_cli_class_grid_and_npz_match_the_library(tmp_path, ckpt):
     images, labels = read_npz(tmp_path / "grid.npz")
     assert images.shape == (6, 8, 8, 3) and images.dtype == np.uint8  # the ADM evaluator's layout
     assert labels.tolist() == [0, 0, 0, 2, 2, 2]
-    assert Image.open(tmp_path / "grid.png").size == (3 * 10 + 2, 2 * 10 + 2)  # a row per class, padding 2
+    # A row per class, named by its index (the checkpoint names no classes), titled from the model config.
+    title = "adaln_zero-DiT(depth=2, hidden=32)-p2 · EMA weights, ddpm 3 steps, cfg 2"
+    expected_grid = grid_image(images, labels.tolist(), per_row=3, title=title)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "grid.png")), np.asarray(expected_grid))
     assert not (tmp_path / "grid.parts").exists()
 
     expected = generate(

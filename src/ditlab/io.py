@@ -6,8 +6,11 @@ checkpoint or a cache entry, or reads a `.pt`/`.ckpt`, goes through it.
 
 import contextlib
 import errno
+import hashlib
 import os
 import pickle
+import re
+import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -29,16 +32,38 @@ def cache_folder(sub: str = "") -> Path:
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path beside `path` for a writer that wants a file name (an image, a zip, a memory map, a
-    download): renamed over `path` when the block ends, removed when it raises. Readers see the old file
-    or the new one, never half of one; a failed write (a full disk, a kill) leaves the old file as it was."""
+    download) or makes a folder: renamed over `path` when the block ends, removed when it raises. Readers
+    see the old file or the new one, never half of one; a failed write (a full disk, a kill) leaves the old
+    file as it was, and its error names `path`, not the temporary name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _remove(tmp)  # a killed writer's leftover: containers reuse process ids
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as err:
+        if err.filename is None and is_disk_full(err):  # a failed write names no file
+            err.filename = str(path)
+        elif str(err.filename).startswith(str(tmp)):
+            err.filename, err.filename2 = str(path) + str(err.filename)[len(str(tmp)) :], None
+        raise
+    except Exception as err:
+        # Writers in Rust (safetensors) report a full disk as text ending "(os error N)", without a path.
+        found = re.search(r"\(os error (\d+)\)", str(err))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from err
     finally:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():  # the temporary path of a writer that makes a folder (a diffusers export)
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], *, fsync: bool = False) -> Path:
@@ -54,6 +79,20 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], *, fsync: 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def content_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, or of a folder's files (relative names, sizes and bytes, in name order)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if file != path:
+            digest.update(f"{file.relative_to(path)}\0{file.stat().st_size}\0".encode())
+        with open(file, "rb") as f:
+            while block := f.read(1 << 22):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def is_disk_full(error: BaseException) -> bool:

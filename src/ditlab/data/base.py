@@ -7,7 +7,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from ditlab.autoencoders import Autoencoder
 from ditlab.data.resumable import GlobalBatchSampler, ResumableDataLoader
@@ -78,6 +78,8 @@ class ImageDataModule(L.LightningDataModule, ABC):
     Subclasses define `build_dataset(split, random_flip)` and the properties `num_classes`,
     `class_names`, `image_size`, `channels` and `source` (these work before `setup`, so the model can be
     built first). `batch_size` is per device: the training module may set it before the loaders are made.
+    There is no `val_dataloader`: training has no validation loop (Lightning would warn of a loader without a
+    `validation_step`); the FID reads the validation split itself (`build_dataset("val", ...)`).
     """
 
     is_latent = False  # batches are images in [-1, 1]; LatentDataModule serves encoded latents
@@ -171,10 +173,3 @@ class ImageDataModule(L.LightningDataModule, ABC):
             len(self.train_set), global_batch_size, rank, world_size, self.seed, num_views=num_views
         )
         return ResumableDataLoader(self.train_set, sampler, **self.loader_options())
-
-    def val_dataloader(self) -> DataLoader | list:
-        self.setup("validate")
-        # An empty list tells Lightning there is no validation set.
-        if self.val_set is None:
-            return []
-        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, **self.loader_options())

@@ -17,8 +17,6 @@ import copy
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +37,7 @@ from ditlab.interop.formats import (
     normalize_autoencoder,
     normalize_diffusion,
 )
+from ditlab.io import atomic_path
 from ditlab.models import DiT
 from ditlab.models.embeddings import sincos_pos_embed_2d
 
@@ -337,9 +336,8 @@ def export_diffusers(
         reason = f"DiTPipeline uses 1000 as the null class, this model has {loaded.model.num_classes} classes"
     else:
         reason = None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
         if reason is None:
             names = loaded.data.get("class_names")
             id2label = {str(i): name for i, name in enumerate(names)} if names else None
@@ -354,12 +352,8 @@ def export_diffusers(
         header = loaded.header() | {"weights": loaded.weights, "exported_from": loaded.source_format}
         (tmp / HEADER_FILE).write_text(json.dumps(header, indent=2))
         (tmp / "README.md").write_text(_model_card(loaded, reason))
-        if out.exists():
+        if out.exists():  # an empty folder (checked above), which the rename does not replace on every OS
             out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -409,6 +403,7 @@ def import_diffusers(folder: str | os.PathLike, *, map_location: str | torch.dev
         data=data,
         guidance_channels=header.get("guidance_channels"),
         weights=header.get("weights", "ema"),
+        coordinates=header.get("coordinates"),
     )
 
 

@@ -26,13 +26,13 @@ def npz_image_shape(path: str | Path, key: str = "arr_0") -> tuple[int, int, int
     """(N, H, W, C) of the uint8 images stored under `key` in an `.npz`, read from the header only."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"Image file {path} does not exist.")
-    with zipfile.ZipFile(path) as archive, _open_npy(archive, key, path) as f:
+    with _open_zip(path) as archive, _open_npy(archive, key, path) as f:
         return _read_image_header(f, key, path)
 
 
 def iter_npz_images(path: str | Path, batch_size: int, key: str = "arr_0") -> Iterator[Tensor]:
     """Batches (B, C, H, W) uint8 of the images under `key` in an `.npz`, in order, without loading all of them."""
-    with zipfile.ZipFile(path) as archive, _open_npy(archive, key, path) as f:
+    with _open_zip(path) as archive, _open_npy(archive, key, path) as f:
         n, h, w, c = _read_image_header(f, key, path)
         for start in range(0, n, batch_size):
             count = min(batch_size, n - start)
@@ -42,6 +42,16 @@ def iter_npz_images(path: str | Path, batch_size: int, key: str = "arr_0") -> It
                     f"{path} is truncated: `{key}` ends before image {start + len(data) // (h * w * c)}."
                 )
             yield _to_tensor(np.frombuffer(data, dtype=np.uint8).reshape(count, h, w, c))
+
+
+def _open_zip(path: str | Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except zipfile.BadZipFile as err:  # an image, a truncated download, a .npy saved without np.savez
+        raise ValueError(
+            f"{path} is not an .npz archive ({err}): expected an ADM-format .npz with `arr_0` holding "
+            "N×H×W×3 uint8 images (np.savez(path, images)), as src/sample.py writes"
+        ) from None
 
 
 def _open_npy(archive: zipfile.ZipFile, key: str, path: str | Path):

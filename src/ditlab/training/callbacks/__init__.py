@@ -2,6 +2,7 @@
 
 from ditlab.training.callbacks.checkpointing import Checkpointing
 from ditlab.training.callbacks.fid_monitor import FIDMonitor
+from ditlab.training.callbacks.progress import LineProgress, progress_bar
 from ditlab.training.callbacks.run_record import RESULTS_FILE, RunRecord, update_run_record
 from ditlab.training.callbacks.sample_grid import SampleGrid
 from ditlab.training.callbacks.throughput import Throughput
@@ -10,8 +11,10 @@ __all__ = [
     "RESULTS_FILE",
     "Checkpointing",
     "FIDMonitor",
+    "LineProgress",
     "RunRecord",
     "SampleGrid",
     "Throughput",
+    "progress_bar",
     "update_run_record",
 ]
