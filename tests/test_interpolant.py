@@ -235,6 +235,27 @@ def test_guidance_interval_guides_only_inside_and_all_channels():
     torch.testing.assert_close(mixed[1], outside[1])
 
 
+def test_guidance_intervals_mean_the_same_for_both_objectives():
+    """cfg_interval is a fraction of the way from the noise (0) to the data (1): the interpolant's t, and
+    1 − t/(T − 1) for DDPM timesteps, also in a respaced process (called with the original timesteps)."""
+    ddpm = create_diffusion()
+    for process in (ddpm, ddpm.respace("ddim50"), ddpm.respace("250")):
+        assert process.data_fraction(torch.tensor([999, 699, 300, 0])).tolist() == pytest.approx(
+            [0.0, 1 - 699 / 999, 1 - 300 / 999, 1.0], abs=1e-15
+        )
+    interpolant = Interpolant("linear", "velocity")
+    t = torch.tensor([0.0, 0.25, 1.0])
+    assert torch.equal(interpolant.data_fraction(t), t.double())
+
+    def model(x, t, y):  # the guided output moves away from the conditional one only where guided
+        return x * (y == 0).reshape(-1, 1, 1, 1)
+
+    guided = cfg_model_fn(model, 3.0, null_class=1, interval=(0.3, 0.7), data_fraction=ddpm.data_fraction)
+    x, y = torch.ones(4, 1, 1, 1), torch.zeros(4, dtype=torch.long)
+    out = guided(x, torch.tensor([999, 700, 600, 100]), y).flatten()  # fractions 0, 0.2993, 0.3994, 0.8999
+    assert out.tolist() == [1.0, 1.0, 3.0, 1.0]
+
+
 def test_a_sampler_of_the_other_objective_is_one_clear_error():
     model = stand_in
     gens = [seeded_generator(0, i) for i in range(2)]

@@ -109,6 +109,7 @@ class LatentDataModule(ImageDataModule):
         num_workers: int = 0,
         pin_memory: bool = True,
         limit_train_samples: int | None = None,
+        image_size: int | None = None,
     ):
         super().__init__(
             batch_size=batch_size,
@@ -119,12 +120,23 @@ class LatentDataModule(ImageDataModule):
         )
         self.path = Path(path)
         self.val_path = None if val_path is None else Path(val_path)
+        # The image size the latents must come from (presets built on an image recipe, e.g. imagenet256,
+        # keep its data.image_size): checked against the manifest, which holds the size they came from.
+        self.expected_image_size = image_size
         self._manifest: dict[str, Any] | None = None
 
     @property
     def manifest(self) -> dict[str, Any]:
         if self._manifest is None:
-            self._manifest = read_manifest(self.path)
+            manifest = read_manifest(self.path)
+            size = manifest["data"]["image_size"]
+            if self.expected_image_size is not None and size != self.expected_image_size:
+                raise ValueError(
+                    f"data.image_size={self.expected_image_size}, but the latents in {self.path} were "
+                    f"extracted from {size}px images: extract them at {self.expected_image_size}px or set "
+                    f"data.image_size={size}"
+                )
+            self._manifest = manifest
         return self._manifest
 
     @property

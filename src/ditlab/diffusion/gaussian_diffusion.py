@@ -70,6 +70,7 @@ class GaussianDiffusion(nn.Module):
             None picks the one that matches learn_sigma.
         timestep_map: for a respaced process, the original timestep of each of the T steps, shape (T,);
             the model is always called with these original values.
+        original_num_steps: for a respaced process, the number of steps of the original one.
 
     The tables are non-persistent float64 buffers: they follow `.to(device)` but never a dtype cast
     (see `_apply`), so `model.to(torch.bfloat16)` on a parent module keeps the schedule exact.
@@ -84,6 +85,7 @@ class GaussianDiffusion(nn.Module):
         loss: str | None = None,
         fixed_variance: str = "large",
         timestep_map: Tensor | None = None,
+        original_num_steps: int | None = None,
     ) -> None:
         super().__init__()
         betas = torch.as_tensor(betas, dtype=torch.float64)
@@ -137,6 +139,7 @@ class GaussianDiffusion(nn.Module):
                 f"timestep_map has shape {tuple(timestep_map.shape)}, betas {tuple(betas.shape)}"
             )
         self.register_buffer("timestep_map", timestep_map.to(betas.device, torch.long), persistent=False)
+        self.original_num_steps = len(betas) if original_num_steps is None else original_num_steps
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "GaussianDiffusion":
         # Let device moves through, undo dtype casts: re-copy each table from its float64 original.
@@ -153,6 +156,12 @@ class GaussianDiffusion(nn.Module):
     @property
     def num_timesteps(self) -> int:
         return self.betas.shape[0]
+
+    def data_fraction(self, t: Tensor) -> Tensor:
+        """How far the model's time t (N,) is from the noise towards the data, in [0, 1] (the one time
+        convention of guidance intervals): the model is called with the original timesteps 0 (the data) ..
+        T−1 (the noise), so 1 − t/(T−1); with T = 1000, cfg_interval=[0.3, 0.7] guides timesteps 300..699."""
+        return 1 - t.to(torch.float64) / (self.original_num_steps - 1)
 
     def sample_t(
         self, n: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
@@ -506,4 +515,5 @@ class GaussianDiffusion(nn.Module):
             loss=self.loss,
             fixed_variance=self.fixed_variance,
             timestep_map=self.timestep_map[kept],
+            original_num_steps=self.original_num_steps,
         )

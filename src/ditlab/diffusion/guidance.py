@@ -1,9 +1,32 @@
 """Classifier-free guidance (Ho & Salimans 2022) in one doubled batch."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
+
+
+def check_cfg_interval(interval: Any, key: str = "cfg_interval") -> tuple[float, float] | None:
+    """`interval` as (low, high), or None; ValueError naming `key` unless it is None or [low, high] with
+    0 ≤ low ≤ high ≤ 1, in fractions of the way from the noise (0) to the data (1) for every objective
+    (`data_fraction` of the paper's diffusion and of the interpolant)."""
+    if interval is None:
+        return None
+    values = (
+        list(interval) if isinstance(interval, Sequence) and not isinstance(interval, str) else [interval]
+    )
+    if not (
+        len(values) == 2
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        and 0 <= values[0] <= values[1] <= 1
+    ):
+        shown = ", ".join(f"{v:g}" if isinstance(v, int | float) else repr(v) for v in values)
+        raise ValueError(
+            f"{key}=[{shown}] must be [low, high] with 0 ≤ low ≤ high ≤ 1: guidance only between these "
+            "fractions of the way from the noise (0) to the data (1), or null to guide at every step"
+        )
+    return float(values[0]), float(values[1])
 
 
 def cfg_model_fn(
@@ -12,6 +35,7 @@ def cfg_model_fn(
     null_class: int,
     guidance_channels: int | None = None,
     interval: tuple[float, float] | None = None,
+    data_fraction: Callable[[Tensor], Tensor] | None = None,
 ) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     """Wrap a class-conditional `model(x, t, y)` into a guided one with the same signature.
 
@@ -23,15 +47,16 @@ def cfg_model_fn(
     the model's null label, i.e. its number of classes. With cfg_scale = 1 the guided output is the
     conditional one, so the model is called once on the plain batch.
 
-    `interval` = (low, high) guides only where low ≤ t ≤ high and returns the conditional output
-    elsewhere (guidance in a limited interval, Kynkäänniemi et al. 2024), t in the units the model is
-    called with: DDPM timesteps 0..999 (0 = data), interpolant times in [0, 1] (1 = data).
+    `interval` = (low, high) guides only where low ≤ f ≤ high and returns the conditional output
+    elsewhere (guidance in a limited interval, Kynkäänniemi et al. 2024), f the fraction of the way from
+    the noise (0) to the data (1): `data_fraction(t)` of the objective (e.g. 1 − t/999 for DDPM
+    timesteps), or t itself when None (the interpolant's convention).
     """
-    if interval is not None and not interval[0] <= interval[1]:
-        raise ValueError(f"cfg_interval={list(interval)} must be [low, high] with low ≤ high")
+    interval = check_cfg_interval(interval)
 
     def guided(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        inside = None if interval is None else (t >= interval[0]) & (t <= interval[1])  # (N,)
+        f = t if data_fraction is None else data_fraction(t)
+        inside = None if interval is None else (f >= interval[0]) & (f <= interval[1])  # (N,)
         if cfg_scale == 1 or (inside is not None and not bool(inside.any())):
             return model(x, t, y)
         channels = x.shape[1] if guidance_channels is None else guidance_channels

@@ -17,6 +17,7 @@ half of the output channels is unused, as in SiT (the final layer keeps the pape
 import importlib
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -192,6 +193,16 @@ class Interpolant(nn.Module):
         return out[:, :channels]
 
     # ---- sampling -------------------------------------------------------------------------------
+    @staticmethod
+    def coordinate(spec: Any) -> str:
+        """The run's `objective` coordinate for this config: sit_linear, sit_gvp, sit_<your path>."""
+        return f"sit_{spec.get('path', 'linear')}"
+
+    def data_fraction(self, t: Tensor) -> Tensor:
+        """How far the model's time t (N,) is from the noise towards the data, in [0, 1] (the one time
+        convention of guidance intervals): t itself, SiT's t = 0 being the noise and t = 1 the data."""
+        return t.to(torch.float64)
+
     def sample_interval(self, *, sde: bool = False, last_step_size: float = 0.0) -> tuple[float, float]:
         """[t0, t1] a sampler integrates over (SiT's rule): t1 stops short of the data by the SDE's last
         step, t0 by sample_eps where the prediction is singular at the noise end."""

@@ -16,6 +16,7 @@ default `run` walks the respaced process of
 so that a new diffusion sampler defines only those two.
 """
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -78,6 +79,10 @@ class Sampler:
     def process(self, diffusion: GaussianDiffusion, steps: int) -> GaussianDiffusion:
         raise NotImplementedError
 
+    def check(self, objective: Objective) -> None:
+        """ValueError when this sampler, as configured, cannot sample `objective`: called by `check_fits`,
+        so before training rather than at the first grid or FID."""
+
     def step(
         self,
         process: GaussianDiffusion,
@@ -99,10 +104,15 @@ register_sampler = SAMPLERS.register
 def get_sampler(name: str, **options: Any) -> Sampler:
     """The registered sampler `name`, built with `options` (e.g. eta for ddim)."""
     cls = SAMPLERS[name]
-    try:
-        return cls(**options)
-    except TypeError:
-        raise ValueError(f"sampler {name!r} takes no option(s) {', '.join(options)}") from None
+    params = inspect.signature(cls).parameters
+    unknown = [key for key in options if key not in params]
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        valid = ", ".join(params) or "none"
+        raise ValueError(
+            f"sampler.options.{unknown[0]}: {', '.join(unknown)} is not an option of sampler {name} "
+            f"(its options: {valid}); remove it or correct its name"
+        )
+    return cls(**options)
 
 
 @register_sampler("ddpm")
@@ -229,6 +239,16 @@ class EulerMaruyamaSDE(FlowSampler):
             )
         self.form, self.norm, self.last_step_size = diffusion_form, diffusion_norm, last_step_size
 
+    def check(self, objective: Interpolant) -> None:
+        t0, _ = objective.sample_interval(sde=True, last_step_size=self.last_step_size)
+        w = objective.diffusion_coefficient(torch.tensor([t0], dtype=torch.float64), self.form, self.norm)
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(
+                f"euler_maruyama's {self.form} diffusion coefficient is infinite at the first time "
+                f"t={t0:.3g} (diffusion.sample_eps={objective.sample_eps}): set diffusion.sample_eps > 0 "
+                "(e.g. 1e-3) or sampler.options.diffusion_form=sigma"
+            )
+
     def drift(self, objective: Interpolant, out: Tensor, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """(v + w·s, w) at (x, t), t (N,)."""
         w = objective.diffusion_coefficient(t, self.form, self.norm)
@@ -259,14 +279,16 @@ class EulerMaruyamaSDE(FlowSampler):
         return x
 
 
-def check_fits(solver: Sampler, objective: Objective) -> None:
-    """ValueError unless `solver` samples `objective`'s kind (a Gaussian diffusion or an interpolant)."""
+def check_fits(solver: Sampler, objective: Objective, key: str = "sampler") -> None:
+    """ValueError, naming the config `key` that chose `solver`, unless it samples `objective`'s kind (a
+    Gaussian diffusion or an interpolant) and, as configured, can sample it (`Sampler.check`)."""
     if not isinstance(objective, solver.objective):
         fitting = [name for name, cls in SAMPLERS.items() if isinstance(objective, cls.objective)]
         raise ValueError(
-            f"sampler={solver.name} samples a {solver.objective.__name__}, not this model's objective (a "
-            f"{type(objective).__name__}): use sampler={' | '.join(fitting)}"
+            f"{key}={solver.name} samples a {solver.objective.__name__}, not this model's objective ("
+            f"{type(objective).__name__}): use {key}={' | '.join(fitting)}"
         )
+    solver.check(objective)
 
 
 @torch.no_grad()
@@ -305,7 +327,12 @@ def sample(
     if labels is None:
         labels = torch.cat([torch.randint(num_classes, (1,), generator=g, device=device) for g in generators])
     model_fn = cfg_model_fn(
-        model, cfg_scale, null_class=num_classes, guidance_channels=guidance_channels, interval=cfg_interval
+        model,
+        cfg_scale,
+        null_class=num_classes,
+        guidance_channels=guidance_channels,
+        interval=cfg_interval,
+        data_fraction=diffusion.data_fraction,
     )
     x = _randn(generators, shape)
     x = solver.run(

@@ -6,8 +6,8 @@ batch size, the number of ranks, or how often the job was interrupted. Work is c
 finished batch is written atomically as a shard `<out>.parts/<start>-<end>.npz`, so a killed job re-run
 with the same arguments skips finished shards. Ranks (torchrun's RANK/WORLD_SIZE) take disjoint ranges of
 batches; rank 0 waits for all shards and writes `<out>.npz` in the ADM layout (`arr_0`: N×H×W×3 uint8,
-`arr_1`: labels), streamed so that 50,000 images never sit in memory at once, a PNG grid, and
-`<out>.json`, the job's arguments (checkpoint, guidance, sampler, seed...).
+`arr_1`: labels), streamed so that 50,000 images never sit in memory at once, a labelled PNG grid
+(`ditlab.grids`), and `<out>.json`, the job's arguments (checkpoint, guidance, sampler, seed...).
 """
 
 import contextlib
@@ -24,13 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from ditlab.autoencoders import Autoencoder, IdentityAutoencoder
 from ditlab.diffusion import build_objective
+from ditlab.diffusion.guidance import check_cfg_interval
 from ditlab.diffusion.sampling import check_fits, get_sampler, image_generators, sample
-from ditlab.interop.formats import LoadedDiT
+from ditlab.grids import grid_title, save_grid
+from ditlab.interop.formats import LoadedDiT, config_coordinates
 from ditlab.io import atomic_path, atomic_write, atomic_write_text
 
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -122,6 +123,7 @@ class ImageSampler:
         objective = build_objective(loaded.diffusion)
         if sampler == "auto":  # the objective's: ddpm for the paper's diffusion, euler for SiT's interpolant
             sampler = objective.default_sampler
+        self.sampler = sampler
         self.solver = get_sampler(sampler, **(sampler_options or {}))
         if steps < 1 or cfg_scale < 0:
             raise ValueError(f"need steps ≥ 1 and cfg_scale ≥ 0; got steps={steps}, cfg_scale={cfg_scale}")
@@ -136,7 +138,7 @@ class ImageSampler:
         self.diffusion = objective.to(self.device)
         check_fits(self.solver, self.diffusion)
         self.steps, self.cfg_scale, self.guidance_channels = steps, cfg_scale, guidance_channels
-        self.cfg_interval = tuple(cfg_interval) if cfg_interval is not None else None
+        self.cfg_interval = check_cfg_interval(cfg_interval)
         self.seed, self.precision = seed, precision
         self.channels = loaded.data.get("channels")
         self.shape = (model.in_channels, model.input_size, model.input_size)
@@ -172,6 +174,13 @@ def _check_manifest(parts: Path, manifest: dict[str, Any]) -> None:
     path = parts / "job.json"
     if path.is_file():
         old = json.loads(path.read_text())
+        then, now = old.get("checkpoint_sha256"), manifest.get("checkpoint_sha256")
+        if then and now and then != now:  # same path and arguments, other weights: training went on
+            raise ValueError(
+                f"the checkpoint (ckpt=) changed since the shards in {parts} were written (sha256 {then[:12]} "
+                f"then, {now[:12]} now), and resuming would mix two sets of weights in one .npz; delete {parts} "
+                "to sample anew from the current weights, or choose another out="
+            )
         if old != manifest:
             diff = sorted(k for k in old.keys() | manifest.keys() if old.get(k) != manifest.get(k))
             raise ValueError(
@@ -186,18 +195,36 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(data, indent=1))
 
 
-def _write_grid(path: Path, parts: list[Path], count: int, nrow: int) -> None:
-    """A PNG grid of the first `count` images of the shards."""
-    chunks, have = [], 0
+def _write_grid(
+    path: Path, parts: list[Path], count: int, nrow: int, loaded: LoadedDiT, sampler: ImageSampler
+) -> None:
+    """A PNG grid of the first `count` images of the shards, labelled with `loaded`'s class names and titled
+    with its design point and `sampler`'s settings."""
+    images, labels, have = [], [], 0
     for part in parts:
         if have >= count:
             break
         with np.load(part, allow_pickle=False) as shard:
-            chunks.append(torch.from_numpy(shard["arr_0"]))
-        have += len(chunks[-1])
-    grid = torch.cat(chunks)[:count].permute(0, 3, 1, 2).float() / 255
-    with atomic_path(path) as tmp:
-        save_image(grid, tmp, nrow=nrow, format="png")
+            images.append(shard["arr_0"])
+            labels.append(shard["arr_1"])
+        have += len(images[-1])
+    title = grid_title(
+        # The model config's coordinates where the file does not record its run's.
+        config_coordinates(loaded.model.config) | (loaded.coordinates or {}),
+        step=loaded.step,
+        weights="EMA" if loaded.weights == "ema" else "raw",
+        sampler=sampler.sampler,
+        steps=sampler.steps,
+        cfg_scale=sampler.cfg_scale,
+    )
+    save_grid(
+        path,
+        np.concatenate(images)[:count],
+        np.concatenate(labels)[:count].tolist(),
+        per_row=nrow,
+        class_names=loaded.data.get("class_names"),
+        title=title,
+    )
 
 
 def generate(
@@ -216,6 +243,7 @@ def generate(
     keep_parts: bool = False,
     progress: bool = True,
     job: dict[str, Any] | None = None,
+    checkpoint_sha256: str | None = None,
     **sampling: Any,
 ) -> dict[str, Path]:
     """Sample `labels` (one image each) or `num_samples` images with uniform labels; see the module docstring.
@@ -223,24 +251,34 @@ def generate(
     `sampling`: the arguments of `ImageSampler` (cfg_scale, guidance_channels, cfg_interval, sampler, sampler_options, steps, seed,
     precision, device, autoencoder). The PNG grid shows the first `png_images` images (None: all) in rows
     of `png_nrow`. `job` is extra identifying data (e.g. the checkpoint path) recorded in `<out>.json`
-    and checked on resumption; a finished job with the same arguments is not run again. Returns the
-    paths written (on rank 0; other ranks return {}).
+    and checked on resumption; a finished job with the same arguments is not run again.
+    `checkpoint_sha256` (`ditlab.io.content_sha256` of the checkpoint, taken before loading it) is
+    recorded too: shards of other weights under the same path (a checkpoint overwritten as training went
+    on) are refused rather than mixed. Returns the paths written (on rank 0; other ranks return {}).
     """
     if not (npz or png):
         raise ValueError("nothing to write: set npz and/or png")
-    if batch_size < 1 or not 0 <= rank < world_size:
+    if batch_size < 1:
         raise ValueError(
-            f"need batch_size >= 1 and 0 <= rank < world_size; got {batch_size}, {rank}, {world_size}"
+            f"batch_size={batch_size} is out of range: it must be ≥ 1 (images per batch and rank)"
         )
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} of world size {world_size}: need 0 <= rank < world_size")
     num_classes = loaded.model.num_classes
     if labels is not None:
         labels = [int(label) for label in labels]
+        if not labels:
+            raise ValueError(
+                "labels is empty: give at least one, or None for num_samples uniformly drawn labels"
+            )
         bad = [label for label in labels if not 0 <= label < num_classes]
         if bad:
             raise ValueError(f"labels {bad} are outside [0, {num_classes}) for this model")
         num_samples = len(labels)
-    if not num_samples or num_samples < 1:
-        raise ValueError("give labels, or num_samples >= 1 for uniformly drawn labels")
+    if num_samples is None or num_samples < 1:
+        raise ValueError(
+            f"num_samples={num_samples} is out of range: it must be ≥ 1 (images with uniformly drawn labels)"
+        )
     arguments = inspect.signature(ImageSampler).bind(loaded, **sampling)
     arguments.apply_defaults()
     settings = dict(arguments.arguments)
@@ -248,6 +286,7 @@ def generate(
     autoencoder = settings.pop("autoencoder")
     manifest = {
         **(job or {}),
+        "checkpoint_sha256": checkpoint_sha256,
         "model_config": loaded.model.config,
         "weights": loaded.weights,
         "labels": labels,
@@ -295,9 +334,8 @@ def generate(
     if npz:
         concat_npz(paths["npz"], parts)
     if png:
-        _write_grid(
-            paths["png"], parts, num_samples if png_images is None else min(png_images, num_samples), png_nrow
-        )
+        count = num_samples if png_images is None else min(png_images, num_samples)
+        _write_grid(paths["png"], parts, count, png_nrow, loaded, sample)
     _write_json(paths["json"], manifest)  # after the outputs: marks the job finished
     if not keep_parts:
         shutil.rmtree(paths["parts"])

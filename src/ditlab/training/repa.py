@@ -70,6 +70,7 @@ class REPA(nn.Module):
             **(encoder_kwargs or {}),
         )
         object.__setattr__(self, "encoder", enc.requires_grad_(False).eval())
+        self.encoder_name = encoder
         self.weight = weight
         self.z_dim = enc.embed_dim
         self.patch_size: tuple[int, int] = tuple(enc.patch_embed.patch_size)
@@ -88,6 +89,19 @@ class REPA(nn.Module):
         """Move/cast the encoder like `nn.Module.to` (which does not reach it); returns self."""
         self.encoder.to(*args, **kwargs)
         return self
+
+    def check_fits(self, channels: int, image_size: int, grid: int) -> None:
+        """ValueError in one line, before training, unless the encoder takes this data's images
+        (`channels` × `image_size`²) at the DiT's `grid` × `grid` tokens: one forward of one blank image."""
+        try:
+            self.encoder_features(torch.zeros(1, channels, image_size, image_size), grid)
+        except (RuntimeError, ValueError, AssertionError) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(
+                f"repa.encoder={self.encoder_name} cannot encode this data's {channels}-channel "
+                f"{image_size}px images at the DiT's {grid}×{grid} tokens ({first}); pick an encoder that "
+                "takes them (REPA's: vit_base_patch14_dinov2.lvd142m) or repa=none"
+            ) from None
 
     @torch.no_grad()
     def encoder_features(self, images: torch.Tensor, grid: int) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Builds and runs one training job from a composed Hydra config (the body of `src/train.py`)."""
 
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -9,14 +10,15 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from ditlab.cli import import_registering_modules
+from ditlab.cli import import_registering_modules, wandb_logged_in
+from ditlab.design import coordinates
 from ditlab.diffusion.sampling import check_fits, get_sampler
-from ditlab.training.callbacks import Checkpointing, SampleGrid
+from ditlab.training.callbacks import Checkpointing, RunRecord, SampleGrid
 from ditlab.training.checkpoint_io import AtomicCheckpointIO
 from ditlab.training.module import DiTModule
 
@@ -55,6 +57,33 @@ def check_values(cfg: DictConfig) -> None:
     need(
         0 <= cfg.net.class_dropout_prob < 1, "net.class_dropout_prob", cfg.net.class_dropout_prob, "in [0, 1)"
     )
+    # Lightning would run no step and report the run finished.
+    max_steps = cfg.trainer.max_steps
+    need(isinstance(max_steps, int) and max_steps >= 1, "trainer.max_steps", max_steps, "a whole number ≥ 1")
+    need(isinstance(cfg.qk_norm, bool), "qk_norm", cfg.qk_norm, "true or false")
+    if cfg.repa:
+        need(
+            cfg.repa.weight > 0, "repa.weight", cfg.repa.weight, "> 0 (REPA's λ: 0.5); repa=none turns it off"
+        )
+    for group in ("diffusion", "repa", "data", "autoencoder"):
+        check_target_keys(cfg.get(group), group)
+
+
+def check_target_keys(node: Any, key: str) -> None:
+    """ConfigError when `node` (a `_target_` config) holds a key its target does not take: e.g.
+    `+diffusion.time_sampling=...` on the paper's DDPM objective, which only the interpolant has."""
+    if not node or "_target_" not in node:
+        return
+    target = get_object(node._target_)
+    params = inspect.signature(target).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = [k for k in node if not k.startswith("_") and k not in params]
+    if unknown:
+        valid = ", ".join(name for name, p in params.items() if p.kind is not p.VAR_POSITIONAL)
+        raise ConfigError(
+            f"{key}.{unknown[0]} is not an option of this {key} ({node._target_}); its options: {valid}"
+        )
 
 
 def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
@@ -99,29 +128,6 @@ def world_size(cfg: DictConfig) -> int:
     return int(devices) * int(cfg.trainer.num_nodes)
 
 
-def coordinates(cfg: DictConfig) -> dict[str, Any]:
-    """The run's point in the design space, as logged to W&B config and tags and kept in results.json:
-    the paper's axes (block, model, patch) and its successors' (objective, what the model predicts, how
-    training times are drawn, position embedding, norm, QK-norm, MLP, REPA's weight λ or 0) and the
-    sampler of its FID."""
-    diffusion = cfg.diffusion
-    interpolant = diffusion._target_.endswith("Interpolant")
-    return {
-        "block": cfg.block.name,
-        "model": cfg.model.name,
-        "patch": cfg.patch,
-        "objective": f"sit_{diffusion.path}" if interpolant else "ddpm",
-        "predict": diffusion.predict,
-        "time_sampling": diffusion.time_sampling if interpolant else "uniform",
-        "pos_embed": cfg.pos_embed.name,
-        "norm": cfg.norm.name,
-        "qk_norm": bool(cfg.qk_norm),
-        "mlp": cfg.mlp.name,
-        "repa": float(cfg.repa.weight) if cfg.repa else 0.0,
-        "sampler": ((cfg.callbacks or {}).get("fid") or {}).get("sampler") or cfg.sampler.name,  # the FID's
-    }
-
-
 def isolate_ddp_children_from_sweep() -> None:
     """Under a Hydra multirun, Lightning's DDP launcher re-executes sys.argv (which holds the whole
     sweep) in each child process. Make the children run only this job, in this job's folder."""
@@ -149,13 +155,6 @@ def build_loggers(cfg: DictConfig, tags: list[str], group: str | None) -> list[A
     return loggers
 
 
-def wandb_logged_in() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
-
-
 def build_module(cfg: DictConfig, datamodule: Any, autoencoder: Any) -> DiTModule:
     in_channels, input_size = datamodule.model_input_shape(autoencoder)
     model = instantiate(
@@ -176,6 +175,7 @@ def build_module(cfg: DictConfig, datamodule: Any, autoencoder: Any) -> DiTModul
                 "images (data=image_folder with autoencoder=sd_vae encodes them in the loop) or use repa=none"
             )
         repa = instantiate(cfg.repa, hidden_size=model.config["hidden_size"], model_depth=len(model.blocks))
+        repa.check_fits(datamodule.channels, datamodule.image_size, input_size // cfg.patch)
     info = {
         "coordinates": coordinates(cfg),
         "diffusion": OmegaConf.to_container(cfg.diffusion, resolve=True),
@@ -210,6 +210,15 @@ def build_module(cfg: DictConfig, datamodule: Any, autoencoder: Any) -> DiTModul
     return module
 
 
+def check_callbacks_fit(callbacks: dict[str, Any], objective: Any) -> None:
+    """Before the first step: each sampling callback's sampler solves the run's objective (else a run would
+    fail at its first grid or FID)."""
+    for key, callback in callbacks.items():
+        if isinstance(getattr(callback, "sampler", None), str):
+            solver = get_sampler(callback.sampler, **getattr(callback, "sampler_options", {}))
+            check_fits(solver, objective, key=f"callbacks.{key}.sampler")
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Trains one point of the design space; returns where its outputs are."""
     check_values(cfg)
@@ -233,7 +242,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     group = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
     tags = [f"{k}={v}" for k, v in coordinates(cfg).items()]
     loggers = build_loggers(cfg, tags, group)
-    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
+    named = {key: instantiate(c) for key, c in (cfg.callbacks or {}).items() if c is not None}
+    for callback in named.values():
+        if isinstance(callback, RunRecord):  # the config as run: devices, precision and sampler resolved
+            callback.config = OmegaConf.to_container(cfg, resolve=True)
+    check_callbacks_fit(named, module.diffusion)
+    callbacks = list(named.values())
     # The checkpoint first: its on_train_end writes last.ckpt before the FID, the grids and the run record.
     callbacks.sort(key=lambda c: not isinstance(c, Checkpointing))
     isolate_ddp_children_from_sweep()

@@ -1,6 +1,7 @@
 """FID of EMA samples during and at the end of training, against cached reference statistics."""
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from torch.utils.data import DataLoader, Subset
 
+from ditlab.diffusion.guidance import check_cfg_interval
 from ditlab.diffusion.sampling import SAMPLERS, get_sampler
 from ditlab.io import atomic_write
 from ditlab.training.callbacks.run_record import images_seen, update_run_record
@@ -54,7 +56,7 @@ class FIDMonitor(L.Callback):
     across ranks (each image seeded by its index, so the set does not depend on the batch size or the
     number of processes: `ditlab.diffusion.sampling`); features are gathered and rank 0 computes the FID with torchmetrics. Logged as `fid`
     with the run's Gflops, parameters and training compute so far (`train_compute_gflop`), and recorded
-    in `results.json`. Features come from the TensorFlow Inception-v3 (see `ditlab.metrics.features`).
+    in `results.json` with its wall time (`fid_seconds`; each `fid_history` point's `seconds`). Features come from the TensorFlow Inception-v3 (see `ditlab.metrics.features`).
     """
 
     def __init__(
@@ -91,7 +93,7 @@ class FIDMonitor(L.Callback):
         # Built once here so that a bad option fails before training, with the sampler named.
         get_sampler(sampler, **(sampler_options or {}))
         self.sampler_options = dict(sampler_options or {})
-        self.cfg_interval = tuple(cfg_interval) if cfg_interval is not None else None
+        self.cfg_interval = check_cfg_interval(cfg_interval, key="callbacks.fid.cfg_interval")
         self.output_dir = Path(output_dir)
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
@@ -209,6 +211,8 @@ class FIDMonitor(L.Callback):
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from ditlab.metrics.fid import PrecomputedFeatures, frechet_metric
 
+        started = time.monotonic()
+
         skipped = f"[ditlab] SIGTERM: the FID at step {trainer.global_step} is skipped"
         if trainer.received_sigterm:  # Lightning's flag; the training loop has stopped or is stopping
             print(skipped)
@@ -231,6 +235,7 @@ class FIDMonitor(L.Callback):
             "images_seen": seen,
             "train_compute_gflop": gflops * 3 * seen,
             "fid": fid,
+            "seconds": time.monotonic() - started,  # sampling, features and the reference's when not cached
         }
         self.history.append(point)
         for logger in trainer.loggers:
@@ -256,6 +261,7 @@ class FIDMonitor(L.Callback):
             feature_network=self._net.identity,
             fid_sampler=f"{self.sampler} {self.steps} steps, cfg {self.cfg_scale}",
             fid_history=self.history,
+            fid_seconds=point["seconds"],
         )
         print(
             f"[ditlab] step {trainer.global_step}: FID {fid:.2f} ({self.num_samples} EMA samples, {self.sampler} "

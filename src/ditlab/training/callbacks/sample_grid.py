@@ -1,4 +1,5 @@
-"""Grids of EMA samples with guidance, one row per class, saved as PNG and logged to W&B."""
+"""Grids of EMA samples with guidance, one labelled row per class (`ditlab.grids`), saved as PNG and logged to
+W&B."""
 
 from pathlib import Path
 from typing import Any
@@ -7,14 +8,19 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
-from torchvision.utils import make_grid, save_image
 
+from ditlab.diffusion.guidance import check_cfg_interval
 from ditlab.diffusion.sampling import SAMPLERS, get_sampler
+from ditlab.grids import grid_title, save_grid
+from ditlab.interop.formats import config_coordinates
+from ditlab.interop.sampling import to_uint8_rgb
 
 
 class SampleGrid(L.Callback):
     """Every `every_n_steps` and at the end of training: a grid of EMA samples with guidance, one row
-    per class (`per_class` columns), saved as PNG under `<output_dir>/samples/` and logged to W&B."""
+    per class (`per_class` columns) labelled with the class's name, under a title naming the design point,
+    the step and the sampling (`ditlab.grids.grid_image`), saved as PNG under `<output_dir>/samples/` and
+    logged to W&B."""
 
     def __init__(
         self,
@@ -43,7 +49,7 @@ class SampleGrid(L.Callback):
         # Built once here so that a bad option fails before training, with the sampler named.
         get_sampler(sampler, **(sampler_options or {}))
         self.sampler_options = dict(sampler_options or {})
-        self.cfg_interval = tuple(cfg_interval) if cfg_interval is not None else None
+        self.cfg_interval = check_cfg_interval(cfg_interval, key="callbacks.sample_grid.cfg_interval")
         self.output_dir = Path(output_dir) / "samples"
         self.every_n_steps = every_n_steps
         self.per_class = per_class
@@ -80,13 +86,24 @@ class SampleGrid(L.Callback):
                 sampler_options=self.sampler_options,
                 steps=self.steps,
             )
-        grid = make_grid(images.float().add(1).div(2), nrow=self.per_class, padding=1)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        info = pl_module.info
+        title = grid_title(
+            info.get("coordinates") or config_coordinates(pl_module.model.config),
+            step=trainer.global_step,
+            weights="EMA",
+            sampler=self.sampler,
+            steps=self.steps,
+            cfg_scale=self.cfg_scale,
+        )
         self.last_path = self.output_dir / name
-        save_image(grid, self.last_path)
+        grid = save_grid(
+            self.last_path,
+            to_uint8_rgb(images.float()).cpu().numpy(),
+            labels.tolist(),
+            per_row=self.per_class,
+            class_names=info.get("data", {}).get("class_names"),
+            title=title,
+        )
         for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                caption = (
-                    f"EMA samples, cfg {self.cfg_scale}, {self.sampler} {self.steps} steps; rows = classes"
-                )
-                logger.log_image("samples", [grid], step=trainer.global_step, caption=[caption])
+            if isinstance(logger, WandbLogger):  # the labelled grid, as saved
+                logger.log_image("samples", [grid], step=trainer.global_step, caption=[title])
