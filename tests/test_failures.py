@@ -16,7 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
+from ditlab.autoencoders import IdentityAutoencoder
+from ditlab.design import DEFAULT_AXES
+from ditlab.diffusion import create_diffusion
+from ditlab.models import build_dit
 from ditlab.training.callbacks import Checkpointing
+from ditlab.training.module import DiTModule
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_fashion_mnist = pytest.mark.skipif(
@@ -166,6 +171,59 @@ def test_resume_in_place_twice_continues_one_loss_curve(tmp_path):
     assert sorted(resumed) == sorted(straight) == list(range(6))
     for step in range(6):
         assert resumed[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-7)
+
+
+@pytest.fixture(scope="module")
+def paper_checkpoint(tmp_path_factory) -> Path:
+    """last.ckpt of a one-step run of the paper's point: DDPM, no REPA."""
+    run_dir = tmp_path_factory.mktemp("paper")
+    proc = train(run_dir, *TINY, "optim.max_steps=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+@needs_fashion_mnist
+@pytest.mark.parametrize(
+    ("override", "difference"),
+    [("diffusion=sit_linear", "objective: 'ddpm' vs 'sit_linear'"), ("repa=random_vit", "repa: 0.0 vs 0.5")],
+)
+def test_resuming_at_another_design_point_is_refused_before_any_step(
+    tmp_path, paper_checkpoint, override, difference
+):
+    proc = train(tmp_path, *TINY, f"ckpt_path={paper_checkpoint}", "optim.max_steps=2", override)
+    one_line_error(
+        proc,
+        f"cannot resume from {paper_checkpoint}",
+        f"(checkpoint vs this run: {difference}",
+        f"init_from={paper_checkpoint} rather than ckpt_path=",
+    )
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()  # no step was trained
+
+
+@needs_fashion_mnist
+def test_a_resume_may_change_the_fid_sampler(tmp_path, paper_checkpoint):
+    """The FID's sampler scores the model: it is no part of what a resume must keep."""
+    proc = train(tmp_path, *TINY, f"ckpt_path={paper_checkpoint}", "optim.max_steps=2", "sampler=ddpm")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert step_of(tmp_path / "checkpoints" / "last.ckpt") == 2
+
+
+def test_a_checkpoint_from_before_an_axis_existed_resumes_at_its_paper_value():
+    model = build_dit("DiT-Ti/8", input_size=32, in_channels=1, num_classes=10)
+    point = {"block": "adaln_zero", "model": "DiT-Ti", "patch": 8}
+    header = {"coordinates": point, "model_config": dict(model.config)}  # no objective, repa, ...
+    paper = DiTModule(
+        model, create_diffusion(), IdentityAutoencoder(), info={"coordinates": DEFAULT_AXES | point}
+    )
+    paper.check_resumable(header, "old.ckpt")
+    flow = DiTModule(
+        model,
+        create_diffusion(),
+        IdentityAutoencoder(),
+        info={"coordinates": DEFAULT_AXES | point | {"objective": "sit_linear"}},
+    )
+    with pytest.raises(ValueError, match=r"objective: 'ddpm' vs 'sit_linear'\); resume with"):
+        flow.check_resumable(header, "old.ckpt")
 
 
 def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, capsys):

@@ -19,6 +19,7 @@ from PIL import Image
 from ditlab import report
 from ditlab.models import BLOCKS as REGISTERED_BLOCKS
 from ditlab.report import load_records, table4_rows, write_report
+from ditlab.report.tables import to_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -111,7 +112,7 @@ def test_table_cells_equal_the_records_in_paper_order(table4_folder):
     rows = table4_rows(records)
     assert [row["model"] for row in rows] == ["DiT-S", "DiT-B", "DiT-L", "DiT-XL"]
     assert rows[0]["axes"] == ""  # the paper's own point: no successor axis off its default
-    assert list(rows[0])[3:6] == ["fid_p8", "fid_p4", "fid_p2"]  # patch columns coarse to fine
+    assert list(rows[0])[4:7] == ["fid_p8", "fid_p4", "fid_p2"]  # patch columns coarse to fine
     by_model = {row["model"]: row for row in rows}
     assert by_model["DiT-B"]["fid_p4"] == 68.38
     for (model, patch), (params_m, gflops, fid) in PAPER_TABLE4.items():
@@ -184,7 +185,7 @@ def test_model_sizes_outside_the_paper_and_missing_points(tmp_path):
     ]
     rows = table4_rows(load_records(write_records(tmp_path / "runs", docs)))
     assert [row["model"] for row in rows] == ["DiT-Ti", "DiT-S", "DiT-XL"]
-    assert list(rows[0])[3:5] == ["fid_p4", "fid_p2"]  # only the patch sizes that were run
+    assert list(rows[0])[4:6] == ["fid_p4", "fid_p2"]  # only the patch sizes that were run
     assert rows[2]["fid_p2"] is None and rows[2]["gflops_p2"] == 118.64
     assert rows[2]["fid_p4"] is None and rows[2]["gflops_p4"] is None  # not run
     md = report.table4_markdown(load_records(tmp_path / "runs"))
@@ -303,6 +304,87 @@ def test_seeds_of_a_point_are_grouped_into_mean_and_range(tmp_path):
         "| in-context | Ti/4 | 0.12 | 2.8 | 175.00 (170.00–180.00) | 2 |" in written["blocks.md"].read_text()
     )
     assert written["runs.md"].read_text().count("| adaLN-Zero Ti/8 |") == 2
+
+
+MODEL_CONFIG = {"depth": 4, "hidden_size": 192, "num_heads": 3, "mlp_ratio": 4.0, "patch_size": 4}
+
+
+def current_record(fid: float, seed: int, **changes) -> dict:
+    """A record as src/train.py writes it now (with the model config, precision, lr and EMA decay), of
+    one point (adaLN-Zero DiT-Ti/4), with `changes` applied."""
+    doc = record("adaln_zero", "DiT-Ti", 4, 2.8, 0.12, fid, seed) | {
+        "model_config": MODEL_CONFIG,
+        "precision": "bf16-mixed",
+        "lr": 2e-3,
+        "ema_decay": 0.995,
+        "fid_sampler": "ddim 50 steps, cfg 1.0",
+        "fid_reference": "FashionMNISTDataModule val (1000 images)",
+    }
+    return doc | changes
+
+
+def test_runs_differing_only_in_seed_are_one_row_with_the_range(tmp_path):
+    older = record("adaln_zero", "DiT-Ti", 4, 2.8, 0.12, 125.0, seed=2)  # records fewer settings: joins them
+    docs = [current_record(120.0, 0), current_record(130.0, 1), older]
+    records = load_records(write_records(tmp_path / "runs", docs))
+    (point,) = report.group_points(records)
+    assert point.seeds == (0, 1, 2) and point.variant == () and point.label == "Ti/4"
+    written = write_report(records, tmp_path / "report")
+    table = written["table4.md"].read_text()
+    assert "| DiT-Ti | 125.00 (120.00–130.00) |" in table and "separate rows" not in table
+
+
+@pytest.mark.parametrize(
+    ("changes", "fields", "variants"),
+    [
+        ({"step": 1000}, "step", ("step=400000", "step=1000")),
+        (
+            {"model_config": MODEL_CONFIG | {"depth": 2}, "params_m": 1.5},
+            "params_m, depth",
+            ("params_m=2.8, depth=4", "params_m=1.5, depth=2"),
+        ),
+        ({"fid_num_samples": 500}, "fid_num_samples", ("fid_num_samples=50000", "fid_num_samples=500")),
+        ({"precision": "32-true"}, "precision", ("precision=bf16-mixed", "precision=32-true")),
+    ],
+)
+def test_runs_of_one_point_that_differ_in_more_than_the_seed_are_separate_rows(
+    tmp_path, changes, fields, variants
+):
+    docs = [current_record(120.0, 0), current_record(130.0, 1, **changes)]
+    records = load_records(write_records(tmp_path / "runs", docs))
+    points = report.group_points(records)
+    assert [(p.seeds, p.fid.values) for p in points] == [((0,), (120.0,)), ((1,), (130.0,))]
+    assert [p.label for p in points] == [f"Ti/4 [{v}]" for v in variants]
+    table = report.table4_markdown(records)
+    for variant, fid in zip(variants, ("120.00", "130.00"), strict=True):
+        assert f"| DiT-Ti [{variant}] | {fid} |" in table
+    note = f"[...]: runs of one point that differ in {fields} are separate rows"
+    assert note in table
+    blocks = report.block_markdown(records)
+    assert blocks.count("| adaLN-Zero | Ti/4 [") == 2 and note in blocks
+    lines = report.plot_fid_vs_gflops(records).axes[0].get_lines()
+    assert [line.get_label() for line in lines] == [f"DiT-Ti [{v}]" for v in variants]
+    # A second run of one seed is no duplicate when it differs in its settings.
+    same_seed = [current_record(120.0, 0), current_record(130.0, 0, **changes)]
+    assert len(report.group_points(load_records(write_records(tmp_path / "same_seed", same_seed)))) == 2
+
+
+@pytest.mark.parametrize("campaign", ["cpu_design_space", "cpu_successors"])
+def test_the_committed_campaigns_still_give_their_committed_report(campaign):
+    folder = ROOT / "experiments" / "results" / campaign
+    records = load_records(folder)
+    expected = {
+        "table4.md": report.table4_markdown(records),
+        "table4.csv": to_csv(table4_rows(records)),
+        "runs.md": report.runs_markdown(records),
+    }
+    if (folder / "report" / "blocks.md").exists():
+        expected |= {
+            "blocks.md": report.block_markdown(records),
+            "blocks.csv": to_csv(report.block_rows(records)),
+        }
+    for name, text in expected.items():
+        assert (folder / "report" / name).read_text() == text, name
 
 
 def test_figures_draw_error_bars_over_the_seeds(tmp_path):

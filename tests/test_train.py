@@ -146,6 +146,9 @@ def test_resume_reproduces_the_loss_curve(tmp_path):
     resumed.mkdir()
     run_train(resumed, *common, "trainer.max_steps=6", f"hydra.run.dir={resumed}", f"ckpt_path={step3}")
     reference, continued = logged_losses(full), logged_losses(resumed)
+    # The wall time of training sums over the resume.
+    before = torch.load(step3, weights_only=True)["callbacks"]["RunRecord"]["train_seconds"]
+    assert json.loads((resumed / "results.json").read_text())["train_seconds"] > before > 0
     assert sorted(continued) == [3, 4, 5]  # Lightning logs 0-based step indices
     for step in (3, 4, 5):
         assert continued[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7)
@@ -201,7 +204,10 @@ def test_resuming_with_another_model_is_refused_clearly(tmp_path):
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
     proc = run_train(tmp_path, *TINY, "patch=4", f"ckpt_path={ckpt}", "trainer.max_steps=2", check=False)
     assert proc.returncode == 2
-    assert "cannot resume: the checkpoint holds a different model" in proc.stderr
+    assert (
+        f"cannot resume from {ckpt}: it was trained at another design point or with another model"
+        in proc.stderr
+    )
     assert "patch_size: 8 vs 4" in proc.stderr
 
 
@@ -363,6 +369,19 @@ def test_fid_is_logged_and_recorded_for_the_report(tmp_path):
     assert record["images_seen"] == 2 * 16
     assert record["train_compute_gflop"] == pytest.approx(record["gflops"] * 3 * 32)
     assert record["fid_reference_images"] == 30 and "Inception" in record["feature_network"]
+    # What the report needs to average only alike runs over seeds: debug=tiny's depth, not DiT-Ti's 4.
+    assert (record["model_config"]["depth"], record["lr"], record["ema_decay"]) == (2, 2e-3, 0.995)
+    assert record["precision"] in ("32-true", "bf16-mixed")
+    # How it was made: the config as run ("auto" resolved), the source commit, the machine, the wall times.
+    config = record["config"]
+    assert config["trainer"]["precision"] == record["precision"] and config["patch"] == 8
+    assert config["callbacks"]["fid"]["num_samples"] == record["fid_num_samples"] == 20
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert record["git"]["commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+    assert record["git"]["dirty"] in ((True, False) if head.returncode == 0 else (None,))
+    assert record["device"] and record["world_size"] == 1
+    assert record["versions"]["torch"] == torch.__version__ and record["versions"]["lightning"]
+    assert record["train_seconds"] > 0 and record["fid_seconds"] == record["fid_history"][-1]["seconds"] > 0
     assert "FID" in proc.stdout
     assert list((tmp_path / "cache").glob("*.npz"))  # reference statistics cached for the next run
     with open(next(tmp_path.glob("csv/version_*/metrics.csv"))) as f:

@@ -2,12 +2,13 @@
 
 Each finished training run writes `<run folder>/results.json` (its design-space coordinates and seed,
 Gflops, parameters, FID and the FID history against training compute). `load_records` gathers them from
-sweep folders, `load_wandb_records` from a W&B project; runs of one point with different seeds are
-grouped (`group_points`: mean, min and max over seeds); `write_report` turns them into
+sweep folders, `load_wandb_records` from a W&B project; runs of one point that differ only in their seed
+are grouped (`group_points`: mean, min and max over seeds; runs that differ in steps, model config, FID
+protocol, ... are separate rows, labelled by what differs); `write_report` turns them into
 
     table4.md / table4.csv   rows = model size, columns = patch size (paper order): FID, Gflops, params
     blocks.md / blocks.csv   one row per point, when the conditioning block varies
-    runs.md                  one row per run: seed, steps, FID and its history
+    runs.md                  one row per run: seed, precision, device, steps, FID and its history
     fid_vs_gflops.png        FID against forward Gflops (log x), one colour and marker per model size
     fid_vs_compute.png       FID against training compute (Gflops), one curve per point
 

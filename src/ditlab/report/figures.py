@@ -21,6 +21,7 @@ from ditlab.report.records import (
     block_rank,
     group_points,
     paper_order,
+    variant_suffix,
 )
 
 COLOURS = ("tab:gray", "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
@@ -92,20 +93,21 @@ def _error_bars(ax: Any, x: list[float], spreads: list[Spread], colour: str) -> 
 
 def plot_fid_vs_gflops(records: Sequence[RunResult]) -> Figure:
     """FID against forward Gflops (log x), as in the paper: one colour and marker per model size and a
-    line through its patch sizes. When the block varies, one colour and marker per block. Markers at the
-    mean over seeds, bars over the seeds' range."""
+    line through its patch sizes (one per variant where runs of a point differ in their settings). When
+    the block varies, one colour and marker per block. Markers at the mean over seeds, bars over the
+    seeds' range."""
     scored = [p for p in group_points(records) if p.fid is not None]
     if not scored:
         raise ValueError("no run has an FID yet, so there is nothing to plot against Gflops")
     style = _styler(scored)
     fig, ax = new_figure()
-    lines: dict[tuple[str, str], list[PointResult]] = {}
+    lines: dict[tuple, list[PointResult]] = {}
     for p in sorted(scored, key=paper_order):
-        lines.setdefault((p.block, p.model), []).append(p)
+        lines.setdefault((p.block, p.model, p.variant), []).append(p)
     for line in lines.values():
         line.sort(key=lambda p: p.gflops)
         colour, marker = style(line[0])
-        label = line[0].model + _block_suffix(line[0], scored)
+        label = line[0].model + _block_suffix(line[0], scored) + variant_suffix(line[0].variant)
         x = [p.gflops for p in line]
         ax.plot(x, [p.fid.mean for p in line], color=colour, marker=marker, label=label)
         _error_bars(ax, x, [p.fid for p in line], colour)

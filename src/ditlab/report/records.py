@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ditlab.design import DEFAULT_AXES
 from ditlab.models import BLOCKS, DIT_SIZES
+from ditlab.sweep import read_outcome
 
 RECORD_FILE = "results.json"
 # Paper order, from the registries: sizes from small to large (by depth × width²), blocks in the order the
@@ -17,20 +19,24 @@ MODEL_ORDER = tuple(
     sorted(DIT_SIZES, key=lambda name: DIT_SIZES[name].depth * DIT_SIZES[name].hidden_size ** 2)
 )
 BLOCK_ORDER = tuple(BLOCKS)
-# The default values of the coordinates beyond (block, model, patch) (`ditlab.training.run.coordinates`):
-# the paper's choices for the successors' axes, and the training FID's sampler (DDIM). A run keeps in
-# `axes` only the coordinates that differ, so the paper's runs keep their labels.
-DEFAULT_AXES: dict[str, Any] = {
-    "objective": "ddpm",
-    "predict": "epsilon",
-    "time_sampling": "uniform",
-    "pos_embed": "sincos",
-    "norm": "layernorm",
-    "qk_norm": False,
-    "mlp": "gelu",
-    "repa": 0.0,
-    "sampler": "ddim",
-}
+# What a record says about how its run was trained and scored besides its point and seed (the keys of
+# results.json that RunRecord and FIDMonitor write; the model's config under its own keys: depth,
+# hidden_size, num_heads, ...). Runs of one point are averaged as seeds only when these agree; a key that a
+# record lacks (written before the key was, or a run without an FID yet) tells nothing either way.
+SETTINGS = (
+    "step",
+    "images_seen",  # at equal steps: the batch size
+    "precision",
+    "lr",
+    "ema_decay",
+    "params_m",  # the size, for records from before `model_config`
+    "model_config",
+    "fid_num_samples",
+    "fid_sampler",  # "<sampler> <steps> steps, cfg <scale>"
+    "fid_reference",
+    "fid_reference_images",
+    "feature_network",
+)
 BLOCK_NAMES = {
     "in_context": "in-context",
     "cross_attention": "cross-attention",
@@ -64,6 +70,9 @@ class RunResult:
     fid_history: tuple[dict[str, Any], ...]
     source: str  # the results.json path, or the W&B run path
     axes: tuple[tuple[str, Any], ...] = ()  # the successors' coordinates where they differ from DEFAULT_AXES
+    settings: tuple[tuple[str, Any], ...] = ()  # the SETTINGS it records (model_config's keys flattened)
+    precision: str | None = None  # as trained ("bf16-mixed", "32-true"); None in records from before it
+    device: str | None = None  # the GPU's or CPU's name; None in records from before it
 
     @property
     def point(self) -> tuple:
@@ -102,16 +111,18 @@ class Spread:
 
 @dataclass(frozen=True)
 class PointResult:
-    """One point of the design space (block, model, patch) over its runs (seeds).
+    """One point of the design space (block, model, patch) over its runs (seeds), alike in their settings.
 
     `fid` is the spread of the runs' final FIDs (None when no run has one); `fid_history` holds one entry
     per training compute value that every run with a history reached: `train_compute_gflop`, `step` and
-    the FID spread there.
+    the FID spread there. `variant` holds, when runs of the point differ in their settings, this row's
+    values of the settings that differ (None: not recorded), e.g. (("step", 1000),).
     """
 
     runs: tuple[RunResult, ...]
     fid: Spread | None
     fid_history: tuple[dict[str, Any], ...]
+    variant: tuple[tuple[str, Any], ...] = ()
 
     block = property(lambda self: self.runs[0].block)
     model = property(lambda self: self.runs[0].model)
@@ -119,7 +130,11 @@ class PointResult:
     axes = property(lambda self: self.runs[0].axes)
     gflops = property(lambda self: self.runs[0].gflops)
     params_m = property(lambda self: self.runs[0].params_m)
-    label = property(lambda self: self.runs[0].label)
+
+    @property
+    def label(self) -> str:
+        """The runs' label, then the settings that set this row apart, e.g. "Ti/4 [step=1000]"."""
+        return self.runs[0].label + variant_suffix(self.variant)
 
     @property
     def seeds(self) -> tuple[int | None, ...]:
@@ -132,6 +147,26 @@ def _number(value: Any, what: str, source: str, *, optional: bool = False) -> fl
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ValueError(f"{source}: {what} must be a finite number, got {value!r}")
     return float(value)
+
+
+def variant_text(variant: tuple[tuple[str, Any], ...]) -> str:
+    """ "step=1000, depth=2"; "—" for a value the record does not hold."""
+    return ", ".join(f"{k}={'—' if v is None else v}" for k, v in variant)
+
+
+def variant_suffix(variant: tuple[tuple[str, Any], ...]) -> str:
+    """What a row's name gets: " [step=1000, depth=2]", or "" for the only row of its point."""
+    return f" [{variant_text(variant)}]" if variant else ""
+
+
+def _settings(data: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """The SETTINGS a results.json document holds, model_config's keys in its place; lists as tuples."""
+    found = []
+    for key in SETTINGS:
+        value = data.get(key)
+        items = sorted(value.items()) if key == "model_config" and isinstance(value, dict) else [(key, value)]
+        found += [(k, tuple(v) if isinstance(v, list) else v) for k, v in items if v is not None]
+    return tuple(found)
 
 
 def parse_record(data: dict[str, Any], source: str) -> RunResult:
@@ -189,6 +224,9 @@ def parse_record(data: dict[str, Any], source: str) -> RunResult:
         fid_history=tuple(history),
         source=source,
         axes=axes,
+        settings=_settings(data),
+        precision=data.get("precision"),
+        device=data.get("device"),
     )
 
 
@@ -205,17 +243,23 @@ def paper_order(record: RunResult | PointResult) -> tuple:
     return (block_rank(record.block), model_rank(record.model), -record.patch)
 
 
+def alike(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two runs' settings agree wherever both record them."""
+    return all(a[key] == b[key] for key in a.keys() & b.keys())
+
+
 def _check_consistent(records: list[RunResult]) -> list[RunResult]:
-    seen: dict[tuple, RunResult] = {}
+    seen: dict[tuple, list[RunResult]] = {}
     for record in records:
-        key = (*record.point, record.seed)
-        if key in seen:
+        same = seen.setdefault((*record.point, record.seed), [])
+        twin = next((r for r in same if alike(dict(r.settings), dict(record.settings))), None)
+        if twin is not None:
             seed = f" with seed {record.seed}" if record.seed is not None else ""
             raise ValueError(
-                f"two runs of {record.run_name}{seed}: {seen[key].source} and {record.source}; a table "
-                "holds one run per point and seed, so pass the folders of one campaign only (runs=[folder,...])"
+                f"two runs of {record.run_name}{seed}: {twin.source} and {record.source}; a table holds one "
+                "run per point, settings and seed, so pass the folders of one campaign only (runs=[folder,...])"
             )
-        seen[key] = record
+        same.append(record)
     datasets = sorted({r.data for r in records if r.data})
     if len(datasets) > 1:
         raise ValueError(
@@ -227,7 +271,8 @@ def _check_consistent(records: list[RunResult]) -> list[RunResult]:
 
 def load_records(runs: str | Path | Sequence[str | Path]) -> list[RunResult]:
     """Reads every `results.json` under the given sweep folders (searched recursively; a path may also be
-    a results.json itself), in paper order. Raises FileNotFoundError when there are none."""
+    a results.json itself), in paper order, skipping (and listing) the runs whose sweep job failed
+    (`ditlab.sweep`). Raises FileNotFoundError when there are none."""
     folders = [Path(runs)] if isinstance(runs, str | Path) else [Path(r) for r in runs]
     if not folders:
         raise ValueError("no runs folder given; pass runs=multirun/<time> (or runs=[folder,...])")
@@ -246,7 +291,13 @@ def load_records(runs: str | Path | Sequence[str | Path]) -> list[RunResult]:
             "the sweep folder (multirun/<time>)?"
         )
     records = []
-    for file in files:
+    failed = {file: read_outcome(file.parent) for file in files}
+    failed = {file: o for file, o in failed.items() if o is not None and o.get("status") != "done"}
+    if failed:  # a sweep's job that failed part-way may have left a results.json without its FID
+        print(f"[ditlab] skipped {len(failed)} failed run(s) of the sweep:")
+        for file, outcome in failed.items():
+            print(f"  {file.parent}: {outcome.get('error') or outcome.get('status')}")
+    for file in (f for f in files if f not in failed):
         try:
             data = json.loads(file.read_text())
         except json.JSONDecodeError as error:
@@ -285,6 +336,9 @@ def wandb_document(
         "train_compute_gflop": summary.get("train_compute_gflop"),
         "fid_num_samples": summary.get("fid_num_samples"),
         "feature_network": summary.get("feature_network"),
+        "precision": (config.get("trainer") or {}).get("precision"),
+        "lr": (config.get("optim") or {}).get("lr"),
+        "ema_decay": (config.get("optim") or {}).get("ema_decay"),
         "data": data_target.rsplit(".", 1)[-1] if data_target else None,
         "wandb": {"project": run.project, "entity": run.entity, "id": run.id},
         "fid_history": history,
@@ -324,13 +378,39 @@ def load_wandb_records(project: str, group: str | None = None) -> list[RunResult
     return _check_consistent(records)
 
 
+def _alike_groups(records: list[RunResult]) -> list[tuple[dict[str, Any], list[RunResult]]]:
+    """The runs of one point split into groups alike in their settings (`alike`), each with the settings
+    its runs record; a run that records less joins the first group it agrees with. Runs in record order."""
+    groups: list[tuple[dict[str, Any], list[tuple[int, RunResult]]]] = []
+    for i, r in sorted(enumerate(records), key=lambda ir: -len(ir[1].settings)):
+        settings = dict(r.settings)
+        group = next((g for g in groups if alike(g[0], settings)), None)
+        if group is None:
+            groups.append((settings, [(i, r)]))
+        else:
+            group[0].update(settings)
+            group[1].append((i, r))
+    return [(settings, [r for _, r in sorted(runs, key=lambda ir: ir[0])]) for settings, runs in groups]
+
+
 def group_points(records: Iterable[RunResult]) -> list[PointResult]:
-    """The runs grouped by design-space point (over seeds), in paper order."""
-    by_point: dict[tuple[str, str, int], list[RunResult]] = {}
+    """The runs grouped by design-space point over seeds, in paper order: one group per point, or, where
+    runs of a point differ in their settings (steps, model config, FID protocol, ...: SETTINGS), one per
+    set of alike runs, with the settings that differ as its `variant`."""
+    by_point: dict[tuple, list[RunResult]] = {}
     for r in records:
         by_point.setdefault(r.point, []).append(r)
+    groups = []
+    for point_runs in by_point.values():
+        split = _alike_groups(point_runs)
+        differ = [
+            key
+            for key in dict.fromkeys(k for settings, _ in split for k in settings)
+            if len({settings[key] for settings, _ in split if key in settings}) > 1
+        ]
+        groups += [(tuple((k, settings.get(k)) for k in differ), runs) for settings, runs in split]
     points = []
-    for runs in by_point.values():
+    for variant, runs in groups:
         fids = tuple(r.fid for r in runs if r.fid is not None)
         with_history = [r for r in runs if r.fid_history]
         history = []
@@ -351,5 +431,5 @@ def group_points(records: Iterable[RunResult]) -> list[PointResult]:
                         "fid": Spread(tuple(p["fid"] for p in at)),
                     }
                 )
-        points.append(PointResult(tuple(runs), Spread(fids) if fids else None, tuple(history)))
+        points.append(PointResult(tuple(runs), Spread(fids) if fids else None, tuple(history), variant))
     return sorted(points, key=paper_order)

@@ -1,7 +1,8 @@
 """The paper's tables from run records: Table 4 (size × patch) and the conditioning-block comparison.
 
 FIDs are means over a point's seeds; with more than one seed the markdown shows the range over seeds
-and the CSV the per-seed minimum, maximum and count.
+and the CSV the per-seed minimum, maximum and count. Runs of one point that differ in their settings
+(steps, model config, FID protocol, ...) are separate rows, labelled by those settings (`variant`).
 """
 
 import csv
@@ -9,7 +10,15 @@ import io
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from ditlab.report.records import BLOCK_NAMES, PointResult, RunResult, Spread, group_points
+from ditlab.report.records import (
+    BLOCK_NAMES,
+    PointResult,
+    RunResult,
+    Spread,
+    group_points,
+    variant_suffix,
+    variant_text,
+)
 
 
 def _spread_fields(spread: Spread | None, suffix: str = "") -> dict[str, Any]:
@@ -29,8 +38,8 @@ def _spread_fields(spread: Spread | None, suffix: str = "") -> dict[str, Any]:
 
 
 def table4_rows(records: Iterable[RunResult]) -> list[dict[str, Any]]:
-    """Table 4: one row per (block, model size); per patch size (coarse to fine) the FID (mean over seeds)
-    `fid_p8`, its range `fid_min_p8`/`fid_max_p8` and seed count `seeds_p8`, then `gflops_p8` and
+    """Table 4: one row per (block, model size, axes, variant); per patch size (coarse to fine) the FID (mean
+    over seeds) `fid_p8`, its range `fid_min_p8`/`fid_max_p8` and seed count `seeds_p8`, then `gflops_p8` and
     `params_m_p8`, .... A point that was not run, or has no FID yet, is None."""
     points = group_points(records)
     patches = sorted({p.patch for p in points}, reverse=True)
@@ -38,8 +47,13 @@ def table4_rows(records: Iterable[RunResult]) -> list[dict[str, Any]]:
     rows: dict[tuple, dict[str, Any]] = {}
     for p in points:
         row = rows.setdefault(
-            (p.block, p.model, p.axes),
-            {"block": p.block, "model": p.model, "axes": axes_text(p.axes)}
+            (p.block, p.model, p.axes, p.variant),
+            {
+                "block": p.block,
+                "model": p.model,
+                "axes": axes_text(p.axes),
+                "variant": variant_text(p.variant),
+            }
             | {f"{f}_p{patch}": None for f in fields for patch in patches},
         )
         row |= _spread_fields(p.fid, f"_p{p.patch}")
@@ -49,10 +63,11 @@ def table4_rows(records: Iterable[RunResult]) -> list[dict[str, Any]]:
 
 
 def block_rows(records: Iterable[RunResult]) -> list[dict[str, Any]]:
-    """The conditioning-block comparison: one row per point, blocks in the paper's order."""
+    """The conditioning-block comparison: one row per point (per variant where runs of a point differ in
+    their settings), blocks in the paper's order."""
     return [
         {"block": p.block, "model": p.model, "patch": p.patch, "axes": axes_text(p.axes)}
-        | {"gflops": p.gflops, "params_m": p.params_m}
+        | {"variant": variant_text(p.variant), "gflops": p.gflops, "params_m": p.params_m}
         | _spread_fields(p.fid)
         for p in group_points(records)
     ]
@@ -96,10 +111,22 @@ def fid_caption(records: Sequence[RunResult]) -> str:
         values.discard(None)
         if values:
             parts.append(f"{name}: {', '.join(map(str, sorted(values)))}")
-    seeds = {len(p.runs) for p in group_points(records)}
-    if max(seeds) > 1:
+    points = group_points(records)
+    if max(len(p.runs) for p in points) > 1:
         parts.append("FID: mean over seeds (min–max)")
-    return "; ".join(parts)
+    note = variant_note(points)
+    return "; ".join([*parts, note] if note else parts)
+
+
+def variant_note(points: Sequence[PointResult]) -> str:
+    """Which settings split runs of one point into rows ("" when none did)."""
+    differ = dict.fromkeys(k for p in points for k, _ in p.variant)
+    if not differ:
+        return ""
+    return (
+        f"[...]: runs of one point that differ in {', '.join(differ)} are separate rows (seeds are "
+        "averaged only over runs alike in everything else)"
+    )
 
 
 def table4_markdown(records: Sequence[RunResult]) -> str:
@@ -111,14 +138,15 @@ def table4_markdown(records: Sequence[RunResult]) -> str:
     text = []
     for block in dict.fromkeys(p.block for p in points):
         lines = []
-        for model, axes in dict.fromkeys((p.model, p.axes) for p in points if p.block == block):
+        for row in dict.fromkeys((p.model, p.axes, p.variant) for p in points if p.block == block):
+            model, axes, variant = row
             at: dict[int, PointResult] = {
-                p.patch: p for p in points if (p.block, p.model, p.axes) == (block, model, axes)
+                p.patch: p for p in points if (p.block, p.model, p.axes, p.variant) == (block, *row)
             }
             params = sorted(p.params_m for p in at.values())
             low, high = f"{params[0]:.1f}", f"{params[-1]:.1f}"
             lines.append(
-                [f"{model} {axes_text(axes)}".strip()]
+                [f"{model} {axes_text(axes)}".strip() + variant_suffix(variant)]
                 + [fid_cell(at[p].fid) if p in at else "—" for p in patches]
                 + [_fmt(at[p].gflops, 2) if p in at else "—" for p in patches]
                 + [low if low == high else f"{low}–{high}"]
@@ -131,6 +159,7 @@ def table4_markdown(records: Sequence[RunResult]) -> str:
 def block_markdown(records: Sequence[RunResult]) -> str:
     """The block comparison in markdown (the paper's conditioning ablation)."""
     header = ["block", "model", "Gflops", "params (M)", "FID", "seeds"]
+    points = group_points(records)
     lines = [
         [
             BLOCK_NAMES.get(p.block, p.block),
@@ -140,18 +169,22 @@ def block_markdown(records: Sequence[RunResult]) -> str:
             fid_cell(p.fid),
             str(len(p.runs)),
         ]
-        for p in group_points(records)
+        for p in points
     ]
-    return _markdown(header, lines)
+    note = variant_note(points)
+    return _markdown(header, lines) + (f"\n{note}\n" if note else "")
 
 
 def runs_markdown(records: Sequence[RunResult]) -> str:
-    """Every run: its point, seed, steps and FID history (step: FID)."""
-    header = ["run", "seed", "Gflops", "steps", "FID", "FID along the run (step: FID)"]
+    """Every run: its point, seed, precision and device ("—" where its record predates them), steps and FID
+    history (step: FID)."""
+    header = ["run", "seed", "precision", "device", "Gflops", "steps", "FID", "FID along the run (step: FID)"]
     lines = [
         [
             f"{BLOCK_NAMES.get(r.block, r.block)} {r.label}",
             _fmt(r.seed, 0),
+            _fmt(r.precision, 0),
+            _fmt(r.device, 0),
             _fmt(r.gflops, 3),
             _fmt(r.step, 0),
             _fmt(r.fid, 2),

@@ -11,12 +11,16 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
+from ditlab.design import DEFAULT_AXES
 from ditlab.diffusion.sampling import Objective, get_sampler, image_generators, sample, seeded_generator
 from ditlab.metrics import count_params, forward_flops
 from ditlab.models import DiT, complete_config
 from ditlab.training.schedules import linear_warmup
 
 CHECKPOINT_VERSION = 1
+# The coordinates (`ditlab.training.run.coordinates`) a resumed run may change: the FID's sampler scores the
+# model, it is no part of the model or its training. Every other coordinate must be the checkpoint's.
+RESUME_MAY_CHANGE = ("sampler",)
 
 
 class DiTModule(L.LightningModule):
@@ -62,7 +66,9 @@ class DiTModule(L.LightningModule):
     ):
         super().__init__()
         self.model = model
-        self.ema = copy.deepcopy(model).requires_grad_(False).eval()
+        # Left in train mode like the rest (Lightning warns of eval-mode modules at the start of training):
+        # it is only ever run through `sample`, which puts it in eval mode.
+        self.ema = copy.deepcopy(model).requires_grad_(False)
         self.diffusion = diffusion
         # Frozen, and kept out of the submodules so that checkpoints do not carry the (84M-parameter)
         # VAE; it is moved to the device in `on_fit_start`.
@@ -86,7 +92,7 @@ class DiTModule(L.LightningModule):
         self.register_buffer("nonfinite_in_a_row", torch.zeros((), dtype=torch.long), persistent=False)
         self.register_buffer("nonfinite_total", torch.zeros((), dtype=torch.long), persistent=False)
         self.register_buffer("found_inf", torch.zeros(()), persistent=False)
-        self.flops_per_batch: int | None = None  # read by Lightning's ThroughputMonitor for MFU
+        self.flops_per_batch: int | None = None  # read by ditlab's Throughput callback for MFU
         self._rng_to_restore: dict[str, Any] | None = None
 
     # ---- training ------------------------------------------------------------------------------
@@ -101,6 +107,9 @@ class DiTModule(L.LightningModule):
         self._repa_tokens = output[:, : self.model.num_patches]  # (N, T, d): in-context's t/y tokens dropped
 
     def on_fit_start(self) -> None:
+        # "In a row" counts within one fit: a module fitted again (a benchmark's blocks) starts afresh, as a
+        # resumed run does (the counter is not in checkpoints).
+        self.nonfinite_in_a_row.zero_()
         self.autoencoder.to(self.device)
         if self.repa is not None:
             self.repa.encoder_to(self.device)
@@ -262,21 +271,36 @@ class DiTModule(L.LightningModule):
         checkpoint["nonfinite_total"] = int(self.nonfinite_total)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("ditlab", {}).get("model_config")
-        if saved is not None:
-            saved = complete_config(saved)  # a config saved before an option existed has its default
-        if saved is not None and saved != self.model.config:
-            diff = {
-                k: (saved.get(k), self.model.config.get(k)) for k in saved.keys() | self.model.config.keys()
-            }
-            diff = {k: v for k, v in diff.items() if v[0] != v[1]}
-            raise ValueError(
-                "cannot resume: the checkpoint holds a different model. Differences (checkpoint, this run): "
-                + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in sorted(diff.items()))
-                + ". Resume with the same block/model/patch/data overrides, or start a new run with init_from=."
-            )
+        self.check_resumable(checkpoint.get("ditlab", {}), self.trainer.ckpt_path)
         self._rng_to_restore = checkpoint.get("rng")
         self.nonfinite_total.fill_(checkpoint.get("nonfinite_total", 0))
+
+    def check_resumable(self, header: dict[str, Any], path: Any) -> None:
+        """Refuses to resume from the checkpoint `path` (`header`: its "ditlab" entry) of another design point
+        or model, in one line naming each difference. Lightning calls `on_load_checkpoint` before it loads
+        weights or optimizer state, so a mismatch neither trains on under the new name nor fails in a
+        state-dict load."""
+        saved: dict[str, Any] = {}
+        ours: dict[str, Any] = {}
+        if "coordinates" in header and "coordinates" in self.info:
+            # A checkpoint saved before an axis existed was trained at the paper's value of it.
+            saved |= DEFAULT_AXES | header["coordinates"]
+            ours |= self.info["coordinates"]
+        if header.get("model_config") is not None:  # shares some names (block, norm, ...) and their values
+            saved |= complete_config(header["model_config"])
+            ours |= self.model.config
+        differences = [
+            f"{key}: {saved.get(key)!r} vs {ours.get(key)!r}"
+            for key in dict.fromkeys([*saved, *ours])
+            if key not in RESUME_MAY_CHANGE and saved.get(key) != ours.get(key)
+        ]
+        if differences:
+            raise ValueError(
+                f"cannot resume from {path}: it was trained at another design point or with another model "
+                f"(checkpoint vs this run: {', '.join(differences)}); resume with the checkpoint's overrides, or, "
+                "to change the objective or the architecture on purpose, start a new run from its weights with "
+                f"init_from={path} rather than ckpt_path="
+            )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # RNG states are restored right before the first resumed step, after Lightning has set up the
