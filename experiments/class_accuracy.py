@@ -13,21 +13,21 @@ Prints both scores per checkpoint (one column per class) and writes them as JSON
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchvision.utils import save_image
 
 from ditlab.data.fashion_mnist import CLASS_NAMES, FashionMNISTDataModule
 from ditlab.diffusion import SAMPLERS
+from ditlab.grids import save_grid
 from ditlab.interop import load_dit
-from ditlab.interop.sampling import ImageSampler
+from ditlab.interop.sampling import ImageSampler, to_uint8_rgb
 from ditlab.io import atomic_write, cache_folder
 from ditlab.metrics.fid import PrecomputedFeatures, frechet_metric
+from ditlab.provenance import cpu_name
 
 CACHE = cache_folder()
 
@@ -128,6 +128,17 @@ def score_images(
     return accuracy, distance
 
 
+def write_grid(path: Path, images: Tensor, labels: Tensor, title: str, per_row: int = 8) -> None:
+    """A labelled grid (`ditlab.grids`) of images (N, 1, H, W) in [-1, 1]: a row per class drawn, of its first
+    images, as many in every row (at most `per_row`) so that no row holds two classes."""
+    drawn = [torch.nonzero(labels == c).flatten() for c in range(10)]
+    drawn = [indices for indices in drawn if len(indices)]
+    per_row = min(per_row, *(len(indices) for indices in drawn))
+    keep = torch.cat([indices[:per_row] for indices in drawn])
+    pixels = to_uint8_rgb(images[keep]).numpy()
+    save_grid(path, pixels, labels[keep].tolist(), per_row=per_row, class_names=CLASS_NAMES, title=title)
+
+
 @torch.no_grad()
 def class_scores(
     net: nn.Module,
@@ -187,7 +198,10 @@ def main() -> None:
         if args.samples:
             images, labels = saved_samples(checkpoint)
             accuracy, distance = score_images(net, real, images, labels)
+            sampling = "saved samples"
         else:
+            labels = torch.arange(10).repeat_interleave(args.per_class)  # class_scores' order
+            sampling = f"{args.sampler} {args.steps} steps, cfg {args.cfg_scale:g}"
             accuracy, distance, images = class_scores(
                 net,
                 real,
@@ -208,11 +222,8 @@ def main() -> None:
                 + format(mean, fmt)
             )
         if args.grid:
-            save_image(
-                images[:: max(1, args.per_class // 8)].add(1).div(2),
-                args.grid / (Path(checkpoint).parent.parent.name + ".png"),
-                nrow=8,
-            )
+            title = f"{checkpoint} · {sampling} · class accuracy {np.nanmean(accuracy):.2f}"
+            write_grid(args.grid / (Path(checkpoint).parent.parent.name + ".png"), images, labels, title)
         rows.append(
             {
                 "checkpoint": checkpoint,
@@ -224,7 +235,7 @@ def main() -> None:
         )
     if args.json:
         result = {
-            "machine": platform.processor() or platform.machine(),
+            "machine": cpu_name(),
             "classifier_test_accuracy": test_accuracy,
             "sampling": "saved samples"
             if args.samples

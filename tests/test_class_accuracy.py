@@ -6,7 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from scipy import linalg
+
+from ditlab.data.fashion_mnist import CLASS_NAMES
+from ditlab.grids import grid_image
+from ditlab.interop.sampling import to_uint8_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("class_accuracy", ROOT / "experiments" / "class_accuracy.py")
@@ -82,3 +87,15 @@ def test_saved_samples_are_read_back_with_their_labels(tmp_path):
     np.savez(tmp_path / "no_labels.npz", pixels)
     with pytest.raises(SystemExit, match="no labels"):
         class_accuracy.saved_samples(tmp_path / "no_labels.npz")
+
+
+def test_grid_has_a_row_per_class_drawn_of_as_many_images_each(tmp_path):
+    """Labels in any order (saved samples): the grid takes each drawn class's first images, as many of
+    each as the rarest class has, so that every row is one class (`ditlab.grids`)."""
+    images = torch.rand(7, 1, 32, 32) * 2 - 1
+    labels = torch.tensor([3, 1, 3, 1, 3, 5, 1])
+    class_accuracy.write_grid(tmp_path / "g.png", images, labels, "title", per_row=8)
+    expected = grid_image(
+        to_uint8_rgb(images[[1, 0, 5]]).numpy(), [1, 3, 5], per_row=1, class_names=CLASS_NAMES, title="title"
+    )
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "g.png")), np.asarray(expected))
