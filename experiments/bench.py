@@ -54,8 +54,8 @@ import gc
 import itertools
 import json
 import logging
+import math
 import os
-import platform
 import re
 import statistics
 import sys
@@ -77,6 +77,7 @@ from ditlab.diffusion import cfg_model_fn, create_diffusion
 from ditlab.io import atomic_write_text
 from ditlab.metrics import forward_flops
 from ditlab.models import build_dit
+from ditlab.provenance import describe_device
 from ditlab.training.module import DiTModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -275,6 +276,8 @@ class OursTrain(Work):
         # A compiled wrapper of the same DiT: the module's own `model.compile()` would compile in place
         # and leave no eager path for the other modes of this run.
         self.model = torch.compile(eager, backend=backend) if mode.compile else eager
+        if mode.compile:
+            check_compiled_loss(module, eager, self.model, batch, mode)
 
     def run(self, warmup: int, steps: int) -> Seconds:
         device = self.batch[0].device
@@ -306,6 +309,30 @@ class OursTrain(Work):
 
     def state(self) -> Iterator[Tensor]:
         return module_tensors(self.module)
+
+
+def check_compiled_loss(
+    module: DiTModule, eager: torch.nn.Module, compiled: torch.nn.Module, batch: tuple, mode: Mode
+) -> None:
+    """The training loss of the compiled DiT against the eager one on the same batch, times and noise, in
+    the mode's precision (printed): a compiled graph that computes something else is an error here, before
+    its steps are timed, rather than a run of skipped non-finite steps inside the timed blocks."""
+    x, y = batch
+    generator = torch.Generator(x.device).manual_seed(0)
+    t = module.diffusion.sample_t(x.shape[0], generator, x.device)
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    losses = []
+    for model in (eager, compiled):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=mode.bf16):
+            out = module.diffusion.training_losses(model, x, t=t, noise=noise, model_kwargs={"y": y})
+        losses.append(float(out["loss"].mean()))
+    tolerance = 5e-2 if mode.bf16 else 1e-4  # relative: bf16 keeps 8 bits of mantissa; fp32 differs by order
+    print(f"[bench] {mode.name}: loss of one batch, eager {losses[0]:.6g}, compiled {losses[1]:.6g}")
+    if not math.isfinite(losses[1]) or abs(losses[1] - losses[0]) > tolerance * abs(losses[0]):
+        raise RuntimeError(
+            f"{mode.name}: the compiled DiT's loss {losses[1]:.6g} is not the eager one's {losses[0]:.6g} "
+            f"(tolerance {tolerance:g} relative): torch.compile computes something else on this machine"
+        )
 
 
 class ReferenceTrain(Work):
@@ -437,17 +464,6 @@ def with_repa(module: DiTModule, args: argparse.Namespace) -> DiTModule:
 
 
 # ---- the run ---------------------------------------------------------------------------------------
-
-
-def describe_device(device: torch.device) -> dict[str, Any]:
-    if device.type == "cuda":
-        return {"name": torch.cuda.get_device_name(device), "cuda": torch.version.cuda}
-    cpu_model = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu_model = next(
-            (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu_model
-        )
-    return {"name": cpu_model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
 
 
 def slug(text: str) -> str:

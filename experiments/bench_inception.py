@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 
 import ditlab.metrics.features as features_module
-from bench import describe_device, slug
+from bench import slug
 from ditlab.data.fashion_mnist import FashionMNISTDataModule
 from ditlab.metrics.features import InceptionFeatures, load_inception_torchscript
 from ditlab.metrics.fid import PrecomputedFeatures, frechet_metric
+from ditlab.provenance import describe_device
 
 BASELINE = "whole-batch"
 

@@ -12,7 +12,6 @@ FID runs under bf16-mixed), which tells whether bf16 sampling moves the FID beyo
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from ditlab.interop import load_dit
 from ditlab.io import atomic_write_text
 from ditlab.metrics.features import InceptionFeatures
 from ditlab.metrics.fid import PrecomputedFeatures, frechet_metric
+from ditlab.provenance import cpu_name
 from ditlab.training.callbacks.fid_monitor import datamodule_reference
 
 
@@ -108,7 +108,7 @@ def main() -> None:
     summary = {
         "run": str(args.run),
         "checkpoint": str(checkpoint),
-        "machine": platform.processor() or platform.machine(),
+        "machine": cpu_name(),
         "fid_settings": {
             k: fid_cfg[k] for k in ("num_samples", "sampler", "steps", "cfg_scale", "num_reference_images")
         },

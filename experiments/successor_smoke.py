@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ditlab.io import atomic_write_text
+from ditlab.provenance import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS: dict[str, list[str]] = {  # name -> the overrides that set the axis value
@@ -159,7 +160,7 @@ def main() -> None:
         print(json.dumps(result), flush=True)
         samplers.append(result)
     record = {
-        "machine": f"{_cpu_name()}, {os.cpu_count()} cores",
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores",
         "date": time.strftime("%Y-%m-%d"),
         "steps": args.steps,
         "runs": runs,
@@ -168,11 +169,6 @@ def main() -> None:
     atomic_write_text(args.out / "smoke.json", json.dumps(record, indent=1))
     atomic_write_text(args.out / "smoke.md", markdown(record))
     print(markdown(record))
-
-
-def _cpu_name() -> str:
-    with open("/proc/cpuinfo") as f:
-        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "CPU")
 
 
 if __name__ == "__main__":

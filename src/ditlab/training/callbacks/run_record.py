@@ -1,14 +1,18 @@
 """The run record, `<output_dir>/results.json`: a run's coordinates, seed, Gflops, parameters, training
-compute and FID, kept up to date for `src/report.py` (schema: `ditlab.report.records`)."""
+compute and FID, and how it was made (config, source commit, device, versions, wall times), kept up to
+date for `src/report.py` (schema: `ditlab.report.records`)."""
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 
+from ditlab.design import point_name
 from ditlab.io import atomic_write_text
+from ditlab.provenance import device_name, git_state, versions
 
 RESULTS_FILE = "results.json"
 
@@ -28,11 +32,20 @@ def images_seen(trainer: L.Trainer) -> int:
 
 class RunRecord(L.Callback):
     """Logs Gflops, parameters and the design-space coordinates at the start of fit (metrics, config, W&B
-    summary) and keeps `<output_dir>/results.json` (coordinates, Gflops, params, steps, images seen,
-    training compute = Gflops × 3 × images) up to date for `src/report.py`."""
+    summary) and keeps `<output_dir>/results.json` (coordinates, Gflops, params, the model's config,
+    precision, learning rate and EMA decay, steps, images seen, training compute = Gflops × 3 × images) up
+    to date for `src/report.py`, which averages runs over seeds only where all of these are equal.
+
+    The record also says how the run was made: `config` (the run's whole resolved config, set by
+    `ditlab.training.run.train`), `git` (the source tree's commit and whether it had changes), `device`,
+    `world_size`, `versions`, and `train_seconds`, the wall time of training (FIDs along the run included:
+    each `fid_history` point holds its `seconds`), summed over resumes through the checkpoint."""
 
     def __init__(self, output_dir: str):
         self.output_dir = Path(output_dir)
+        self.config: dict[str, Any] | None = None  # set by `train` once devices and sampler are resolved
+        self._seconds_before = 0.0  # trained before a resume (from the checkpoint)
+        self._started: float | None = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -46,13 +59,7 @@ class RunRecord(L.Callback):
                 run = logger.experiment
                 wandb = {"project": run.project, "entity": run.entity, "id": run.id}
         coordinates = pl_module.info.get("coordinates", {})
-        run_name = "-".join(
-            [
-                str(coordinates.get("block", "")),
-                str(coordinates.get("model", "")),
-                f"p{coordinates.get('patch', '')}",
-            ]
-        )
+        run_name = point_name(coordinates)  # the run folder's and the W&B run's name
         update_run_record(
             self.output_dir,
             run_name=run_name,
@@ -60,11 +67,35 @@ class RunRecord(L.Callback):
             seed=pl_module.seed,
             **summary,
             data=pl_module.info.get("data", {}).get("name"),
+            model_config=dict(pl_module.model.config),  # the size (depth, width, heads) beyond the name
+            precision=str(trainer.precision),
+            lr=trainer.optimizers[0].defaults["lr"],
+            ema_decay=pl_module.ema_decay,
             wandb=wandb or None,
+            device=device_name(pl_module.device),
+            world_size=trainer.world_size,
+            versions=versions(),
+            git=git_state(),
+            config=self.config,
         )
         print(
             f"[ditlab] {summary['params_m']:.2f}M parameters, {summary['gflops']:.3f} Gflops per forward pass"
         )
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started = time.monotonic()
+
+    def train_seconds(self) -> float:
+        """Wall time of training so far, over every resume of the run."""
+        if self._started is None:
+            return self._seconds_before
+        return self._seconds_before + time.monotonic() - self._started
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_seconds": self.train_seconds()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._seconds_before = state_dict["train_seconds"]
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
@@ -75,4 +106,5 @@ class RunRecord(L.Callback):
                 step=trainer.global_step,
                 images_seen=seen,
                 train_compute_gflop=gflops * 3 * seen,
+                train_seconds=self.train_seconds(),
             )
