@@ -508,7 +508,7 @@ def test_generate_rejects_bad_arguments(tiny_ckpt, tmp_path):
         ({"num_samples": 2, "sampler": "lms"}, "unknown sampler"),
         ({"num_samples": 2, "sampler": "euler"}, r"use sampler=ddpm \| ddim"),
         ({"num_samples": 2, "sampler": "ddim", "sampler_options": {"eta": -1}}, "noise level must be"),
-        ({"num_samples": 2, "sampler_options": {"eta": 0.5}}, "sampler 'ddpm' takes no option"),
+        ({"num_samples": 2, "sampler_options": {"eta": 0.5}}, "eta is not an option of sampler ddpm"),
         ({"num_samples": 2, "guidance_channels": 3}, r"guidance_channels=3 must be in \[1, 1\]"),
         ({"num_samples": 2, "npz": False, "png": False}, "nothing to write"),
     ]:

@@ -1,6 +1,7 @@
 """The registry of a design axis: one name → entry table per axis (blocks, sizes, norms, MLPs, position
 embeddings, interpolant paths, samplers), which a config names and a user's module can extend."""
 
+import importlib
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
@@ -39,3 +40,15 @@ class Registry(dict[str, T]):
 
     def __missing__(self, name: str) -> T:
         raise ValueError(f"unknown {self.kind} {name!r}; valid {self.kind}s: {', '.join(sorted(self))}")
+
+
+def locate(target: str) -> Any:
+    """The object a dotted path names (a Hydra `_target_`), importing its module first: importing a user's
+    module is what registers the entries it defines."""
+    module, _, attribute = target.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(
+            f"{target} cannot be imported ({error}); put its package on the Python path"
+        ) from None

@@ -1,5 +1,5 @@
-"""A user's own design-space entries, outside `src/ditlab`: a fifth block, a size, a sampler, a dataset and an
-interpolant path.
+"""A user's own design-space entries, outside `src/ditlab`: a fifth block, a size, a sampler, a dataset, an
+interpolant path and an objective.
 Each is one class (or one registered value) here plus one YAML in `conf/` beside this file."""
 
 from pathlib import Path
@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ditlab.data.base import ImageDataModule, InMemoryImageDataset, collate_batched
+from ditlab.diffusion import GaussianDiffusion, create_diffusion, register_objective
 from ditlab.diffusion.interpolant import Path as InterpolantPath
 from ditlab.diffusion.interpolant import register_path
 from ditlab.diffusion.sampling import DDIM, register_sampler
@@ -41,6 +42,12 @@ class QuadraticPath(InterpolantPath):
 
     def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return t**2, 1 - t**2, 2 * t, -2 * t
+
+
+@register_objective("ddpm_x0_cosine")
+def ddpm_x0_cosine(learn_sigma: bool = True) -> GaussianDiffusion:
+    """The paper's diffusion on the cosine schedule, predicting x0: its own objective, sampled by DDPM/DDIM."""
+    return create_diffusion(noise_schedule="cosine", predict="x0", learn_sigma=learn_sigma)
 
 
 @register_sampler("ddim_noisy")

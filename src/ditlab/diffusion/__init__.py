@@ -1,6 +1,7 @@
 """The objectives and samplers: the paper's Gaussian diffusion (schedules, DDPM/DDIM) and SiT's interpolant
 (ODE/SDE samplers), guidance, sampling."""
 
+from collections.abc import Callable
 from typing import Any
 
 from ditlab.diffusion.gaussian_diffusion import (
@@ -13,8 +14,11 @@ from ditlab.diffusion.guidance import cfg_model_fn
 from ditlab.diffusion.interpolant import PATHS, Interpolant, Path, register_path
 from ditlab.diffusion.sampling import SAMPLERS, Objective, Sampler, get_sampler, register_sampler, sample
 from ditlab.diffusion.schedules import make_betas, space_timesteps
+from ditlab.registry import Registry, locate
 
 __all__ = [
+    "OBJECTIVES",
+    "PAPER_DIFFUSION",
     "PATHS",
     "SAMPLERS",
     "GaussianDiffusion",
@@ -30,6 +34,9 @@ __all__ = [
     "get_sampler",
     "make_betas",
     "normal_kl",
+    "objective_builder",
+    "objective_name",
+    "register_objective",
     "register_path",
     "register_sampler",
     "sample",
@@ -63,10 +70,40 @@ def create_diffusion(
     return diffusion.respace(timestep_respacing)
 
 
+# The objectives, by the name a run's `objective` coordinate takes (conf/diffusion/*.yaml `_target_`s name
+# their builders). A user's objective is one `register_objective("name")` in its own module: checkpoints,
+# sample.py and export find it through its `_target_` (`objective_builder`). An objective declares its time
+# convention by `data_fraction(t)` (0 the noise, 1 the data) and may name its coordinate (`coordinate`).
+OBJECTIVES: Registry[Callable[..., Objective]] = Registry(
+    "objective", {"ddpm": create_diffusion, "interpolant": Interpolant}
+)
+register_objective = OBJECTIVES.register
+PAPER_DIFFUSION = "ditlab.diffusion.create_diffusion"  # the `_target_` of the paper's objective
+
+
+def objective_builder(target: str) -> Callable[..., Objective]:
+    """The registered objective builder that the `_target_` `target` names (its module imported first)."""
+    builder = locate(target)
+    if builder not in OBJECTIVES.values():
+        raise ValueError(
+            f"diffusion._target_={target} is not a registered objective (registered: "
+            f"{', '.join(sorted(OBJECTIVES))}); register it with ditlab.diffusion.register_objective"
+        )
+    return builder
+
+
+def objective_name(spec: Any) -> str:
+    """The `objective` coordinate of a diffusion config (its `_target_` and arguments): the builder's
+    `coordinate(spec)` where it defines one (the interpolant: sit_<path>), else its registered name."""
+    builder = objective_builder(spec.get("_target_", PAPER_DIFFUSION))
+    if hasattr(builder, "coordinate"):
+        return builder.coordinate(spec)
+    return next(name for name, entry in OBJECTIVES.items() if entry is builder)
+
+
 def build_objective(spec: dict[str, Any]) -> Objective:
-    """The objective a checkpoint header describes (`ditlab.interop.formats.normalize_diffusion`): SiT's
-    interpolant when its `_target_` names it, else the paper's diffusion."""
+    """The objective a checkpoint header or a config describes (`ditlab.interop.formats.normalize_diffusion`):
+    the registered builder its `_target_` names (the paper's diffusion without one), with the rest as
+    arguments."""
     spec = dict(spec)
-    if spec.pop("_target_", "").endswith("Interpolant"):
-        return Interpolant(**spec)
-    return create_diffusion(**spec)
+    return objective_builder(spec.pop("_target_", PAPER_DIFFUSION))(**spec)

@@ -16,6 +16,7 @@ Bare state dicts carry no configuration: it is inferred from tensor shapes (`inf
 """
 
 import argparse
+import inspect
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from ditlab.autoencoders import SDVAE, Autoencoder, IdentityAutoencoder
+from ditlab.diffusion import PAPER_DIFFUSION, objective_builder
 from ditlab.io import CheckpointFileError, atomic_path, cache_folder, load_torch_file
 from ditlab.models import BLOCKS, DIT_SIZES, PATCH_SIZES, DiT, complete_config, parse_model_name
 from ditlab.models.embeddings import sincos_pos_embed_2d
@@ -60,7 +62,8 @@ class LoadedDiT:
     "sd_vae", "pretrained", "scale_factor"}; `data`: {"name", "num_classes", "image_size", "channels",
     "class_names"}. `guidance_channels` is the recommended number of guided ε channels: 3 for the reference's
     checkpoints (the reference evaluation's quirk, kept so its FIDs reproduce), None (all) otherwise.
-    `weights` says which weights were loaded: "ema" or "model".
+    `weights` says which weights were loaded: "ema" or "model". `coordinates`: the design point of the run
+    that trained it (`ditlab.design.coordinates`), and `step`: its training step, where the file records them.
     """
 
     model: DiT
@@ -70,6 +73,8 @@ class LoadedDiT:
     data: dict[str, Any]
     guidance_channels: int | None
     weights: str
+    coordinates: dict[str, Any] | None = None
+    step: int | None = None
 
     def header(self) -> dict[str, Any]:
         """The ditlab header (plain data) describing this model, as stored in checkpoints and exports."""
@@ -80,6 +85,8 @@ class LoadedDiT:
             "autoencoder": dict(self.autoencoder),
             "data": dict(self.data),
             "guidance_channels": self.guidance_channels,
+            # Exports keep the design point, for their sample grids' titles.
+            **({"coordinates": dict(self.coordinates)} if self.coordinates else {}),
         }
 
     def build_autoencoder(self) -> Autoencoder:
@@ -98,6 +105,17 @@ def model_name(config: dict[str, Any]) -> str:
         if (size.depth, size.hidden_size) == (config["depth"], config["hidden_size"]):
             return f"{name}/{config['patch_size']}"
     return f"DiT(depth={config['depth']}, hidden={config['hidden_size']})/{config['patch_size']}"
+
+
+def config_coordinates(config: dict[str, Any]) -> dict[str, Any]:
+    """The design-space coordinates (`ditlab.design.coordinates`) that a model config holds: block, model,
+    patch and the layer axes; for weights that do not record their run's (the objective, REPA: unknown)."""
+    return {
+        "block": config.get("block", "adaln_zero"),
+        "model": model_name(config).rpartition("/")[0],
+        "patch": config["patch_size"],
+        **{key: config[key] for key in ("pos_embed", "norm", "qk_norm", "mlp") if key in config},
+    }
 
 
 def describe(config: dict[str, Any]) -> str:
@@ -296,33 +314,24 @@ def normalize_autoencoder(spec: dict[str, Any]) -> dict[str, Any]:
     raise ValueError(f"unknown autoencoder {spec} in the checkpoint; known: {', '.join(AUTOENCODER_TARGETS)}")
 
 
-INTERPOLANT_TARGET = "ditlab.diffusion.interpolant.Interpolant"
-
-
 def normalize_diffusion(spec: dict[str, Any]) -> dict[str, Any]:
-    """The objective's arguments from a header's diffusion entry (which may be its Hydra config): those of
-    `create_diffusion` for the paper's diffusion; for SiT's interpolant `{"_target_": INTERPOLANT_TARGET,
-    ...}` with the arguments of `Interpolant`. `ditlab.diffusion.build_objective` builds either."""
-    target = spec.get("_target_", "ditlab.diffusion.create_diffusion")
-    if target == INTERPOLANT_TARGET:
-        keys = ("path", "path_module", "predict", "time_sampling", "logit_mean", "logit_std")
-        keys += ("train_eps", "sample_eps")
-        return {"_target_": target, "learn_sigma": spec.get("learn_sigma", True)} | {
-            k: spec[k] for k in keys if k in spec
-        }
-    if target != "ditlab.diffusion.create_diffusion":
-        raise ValueError(
-            f"unknown diffusion {target!r} in the checkpoint; ditlab samples create_diffusion's and "
-            f"{INTERPOLANT_TARGET}'s"
-        )
-    return {
-        "learn_sigma": spec.get("learn_sigma", True),
-        "noise_schedule": spec.get("noise_schedule", "linear"),
-        "diffusion_steps": spec.get("diffusion_steps", 1000),
-        "fixed_variance": spec.get("fixed_variance", "large"),
-        "predict": spec.get("predict", "epsilon"),
-        "loss": spec.get("loss"),
+    """The objective's arguments from a header's diffusion entry (its Hydra config), missing ones at their
+    defaults: those of `create_diffusion` for the paper's diffusion; for any other registered objective
+    (`ditlab.diffusion.OBJECTIVES`: SiT's interpolant, a user's) `{"_target_": <its builder>, ...}` with
+    its builder's arguments. `ditlab.diffusion.build_objective` builds either."""
+    target = spec.get("_target_", PAPER_DIFFUSION)
+    builder = objective_builder(target)
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    params = inspect.signature(builder).parameters
+    args = {
+        name: spec.get(name, p.default)
+        for name, p in params.items()
+        if p.kind in kinds and name != "timestep_respacing"  # a sampler's choice, not the objective's
     }
+    missing = [name for name, value in args.items() if value is inspect.Parameter.empty]
+    if missing:
+        raise ValueError(f"the checkpoint's diffusion has no {', '.join(missing)}, which {target} needs")
+    return args if target == PAPER_DIFFUSION else {"_target_": target} | args
 
 
 def _reference_info(config: dict[str, Any], vae: str = "ema") -> dict[str, Any]:
@@ -358,7 +367,7 @@ def read_checkpoint(
 
     Returns (state_dict, meta); meta has `source_format`, `weights` ("ema" | "model"), and, when the file
     declares them, `model_config` with `declared` (who declares it, for error messages), `diffusion`,
-    `autoencoder`, `data`, `guidance_channels`.
+    `autoencoder`, `data`, `guidance_channels`, `coordinates`, `step`.
     """
     if _is_safetensors(path):
         with safe_open(path, framework="pt") as f:
@@ -387,6 +396,7 @@ def read_checkpoint(
             **header,
             "source_format": "ditlab",
             "weights": weights,
+            "step": obj.get("global_step"),
             "declared": "its ditlab header declares",
         }
     if isinstance(obj.get("model"), dict):
@@ -479,4 +489,6 @@ def load_dit_file(
         data=meta["data"],
         guidance_channels=meta.get("guidance_channels"),
         weights=meta["weights"],
+        coordinates=meta.get("coordinates"),
+        step=meta.get("step"),
     )
