@@ -22,6 +22,11 @@ class Checkpointing(L.Callback):
       one cannot lose the run (`src/train.py` puts this callback first);
     - on SIGTERM (SLURM pre-emption) and Ctrl-C, after the current step.
 
+    Why not Lightning's ModelCheckpoint (with OnExceptionCheckpoint for SIGTERM): it saves by steps or by
+    a train-time interval, not both (mutually exclusive options); Lightning moves it after the other
+    callbacks, so at the end it would write after the FID; a run resumed in place gets `last-v1.ckpt`;
+    and a full disk ends the run instead of keeping the previous checkpoint.
+
     There is one `last.ckpt`: a run resumed in its own folder overwrites it (Lightning's ModelCheckpoint
     would start `last-v1.ckpt`). Writes are atomic (`AtomicCheckpointIO`); a write that fails for a full
     disk keeps the previous checkpoint, says so in one line and training goes on. `setup` checks, before
