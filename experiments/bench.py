@@ -19,7 +19,7 @@ Modes:
   TF32 on CUDA as `train.py` sets): its training_step, per-step seeded noise, fused AdamW with the
   device-side non-finite skip, grad-norm logging and foreach-lerp EMA, Lightning's loop included
   (its progress bar off: see -pbar).
-  Sampling: the module's diffusion respaced, `cfg_model_fn` and `p_sample_loop_progressive` on its EMA.
+  Sampling: the DDPM sampler's steps (`ditlab.diffusion.sampling`) with `cfg_model_fn` on the module's EMA.
 - suffixes of `ours`: `-bf16` (precision bf16-mixed; autocast for sampling), `-compile` (torch.compile
   of the model, of the EMA for sampling; the first block's time is reported as warm-up), `-ckpt`
   (activation checkpointing per block; training only), `-pbar` (Lightning's default progress bar,
@@ -73,7 +73,8 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import Tensor
 
 from ditlab.autoencoders.base import IdentityAutoencoder
-from ditlab.diffusion import cfg_model_fn, create_diffusion
+from ditlab.cli import resolve_device
+from ditlab.diffusion import cfg_model_fn, create_diffusion, get_sampler
 from ditlab.io import atomic_write_text
 from ditlab.metrics import forward_flops
 from ditlab.models import build_dit
@@ -380,7 +381,8 @@ class OursSample(Work):
         self.module, self.mode, self.labels = module, mode, labels
         net = module.ema
         self.net = torch.compile(net, backend=backend) if mode.compile else net
-        self.diffusion = module.diffusion.respace(str(sample_steps))
+        self.solver = get_sampler("ddpm")
+        self.process = self.solver.process(module.diffusion, sample_steps)
         channels = net.in_channels
         self.model_fn = cfg_model_fn(
             self.net, cfg_scale, null_class=net.num_classes, guidance_channels=min(3, channels)
@@ -391,10 +393,17 @@ class OursSample(Work):
         device = self.labels.device
         self.module.ema.eval()  # no label dropout
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.mode.bf16):
-            loop = self.diffusion.p_sample_loop_progressive(
-                self.model_fn, self.shape, model_kwargs={"y": self.labels}, device=device
-            )
-            return time_loop(loop, device, warmup, steps)
+            return time_loop(self.steps(device), device, warmup, steps)
+
+    @torch.no_grad()
+    def steps(self, device: torch.device) -> Iterator[Tensor]:
+        """The DDPM sampler's steps (`Sampler.step` on its respaced process), one per `next`."""
+        x = torch.randn(self.shape, device=device)
+        for i in range(self.process.num_timesteps - 1, -1, -1):
+            t = torch.full((self.shape[0],), i, device=device, dtype=torch.long)
+            noise = torch.randn(self.shape, device=device)
+            x = self.solver.step(self.process, self.model_fn, x, t, noise, {"y": self.labels}, False)
+            yield x
 
     def state(self) -> Iterator[Tensor]:
         return module_tensors(self.module.ema)
@@ -746,7 +755,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed blocks per mode (rounds)")
     p.add_argument("--sample-steps", type=int, default=250, help="DDPM steps of the sampling process")
     p.add_argument("--cfg-scale", type=float, default=4.0, help="guidance scale (sample.py's default)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA when there, else cpu) or a torch device")
     p.add_argument("--matmul-size", type=int, default=None, help="side of the matmul that sets MFU's peak")
     p.add_argument("--target", type=float, default=None, help="images/s the ours rows should reach")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
@@ -781,8 +790,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(
             f"--warmup + --steps ({args.warmup + args.steps}) exceed --sample-steps ({args.sample_steps})"
         )
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error("--device cuda but no CUDA GPU is visible; use --device cpu")
+    try:
+        args.device = str(resolve_device(args.device))  # a string: the record's config is JSON
+    except ValueError as err:
+        p.error(str(err))
     return args
 
 

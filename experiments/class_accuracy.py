@@ -21,10 +21,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ditlab.data.fashion_mnist import CLASS_NAMES, FashionMNISTDataModule
-from ditlab.diffusion import SAMPLERS
+from ditlab.diffusion import SAMPLERS, SamplingSpec
 from ditlab.grids import save_grid
 from ditlab.interop import load_dit
-from ditlab.interop.sampling import ImageSampler, to_uint8_rgb
+from ditlab.interop.generation import ImageSampler, to_uint8_rgb
 from ditlab.io import atomic_write, cache_folder
 from ditlab.metrics.fid import PrecomputedFeatures, frechet_metric
 from ditlab.provenance import cpu_name
@@ -153,7 +153,9 @@ def class_scores(
 ) -> tuple[list[float], list[float], Tensor]:
     """`score_images` of `per_class` guided samples per class of a checkpoint; also the samples,
     (N, 1, H, W) in [-1, 1]."""
-    sample = ImageSampler(load_dit(checkpoint), cfg_scale=cfg_scale, sampler=sampler, steps=steps, seed=seed)
+    sample = ImageSampler(
+        load_dit(checkpoint), SamplingSpec(sampler, steps=steps, cfg_scale=cfg_scale, seed=seed)
+    )
     labels = torch.arange(10).repeat_interleave(per_class)
     images, _ = sample(range(len(labels)), labels)  # (N, H, W, 3) uint8
     x = images[..., :1].permute(0, 3, 1, 2).float() / 127.5 - 1

@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from ditlab.diffusion import build_objective
-from ditlab.diffusion.sampling import get_sampler, image_generators, sample
+from ditlab.diffusion.sampling import SamplingSpec, image_generators, sample
 from ditlab.interop import load_dit
 from ditlab.io import atomic_write_text
 from ditlab.metrics.features import InceptionFeatures
@@ -34,9 +34,16 @@ from ditlab.training.callbacks.fid_monitor import datamodule_reference
 def fid_of_seed(loaded, net, reference, fid_cfg, seed: int, bf16: bool = False) -> float:
     model = loaded.model
     diffusion = build_objective(loaded.diffusion)
-    sampler = diffusion.default_sampler if fid_cfg.sampler == "auto" else fid_cfg.sampler
-    options = dict(fid_cfg.get("sampler_options") or {})
     interval = fid_cfg.get("cfg_interval")
+    spec = SamplingSpec(  # the training FID's settings: labels uniform per image, no clipping
+        fid_cfg.sampler,
+        dict(fid_cfg.get("sampler_options") or {}),
+        fid_cfg.steps,
+        fid_cfg.cfg_scale,
+        None if interval is None else list(interval),
+        seed=seed,
+        key="callbacks.fid.",
+    ).resolve(diffusion)
     autoencoder = loaded.build_autoencoder()
     shape = (model.in_channels, model.input_size, model.input_size)
     metric = frechet_metric(PrecomputedFeatures(net.num_features), reference.mu, reference.sigma)
@@ -48,12 +55,9 @@ def fid_of_seed(loaded, net, reference, fid_cfg, seed: int, bf16: bool = False) 
                 diffusion,
                 image_generators(seed, indices, "cpu"),
                 shape,
-                sampler=get_sampler(sampler, **options),
-                steps=fid_cfg.steps,
-                cfg_scale=fid_cfg.cfg_scale,
-                cfg_interval=None if interval is None else tuple(interval),
+                spec,
                 num_classes=model.num_classes,
-            )  # the training FID's settings: labels uniform per image, no clipping
+            )
         images = autoencoder.decode(z.float()).clamp(-1, 1)
         metric.update(net((images.float() + 1) / 2).double(), real=False)
     return metric.compute().item()

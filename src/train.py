@@ -11,13 +11,11 @@ import hydra
 from omegaconf import DictConfig
 
 from ditlab.cli import run_cli
-from ditlab.training.quiet import silence_library_messages
 from ditlab.training.run import train
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> Any:
-    silence_library_messages()
     return run_cli(train, cfg)
 
 

@@ -11,7 +11,7 @@ from scipy import linalg
 
 from ditlab.data.fashion_mnist import CLASS_NAMES
 from ditlab.grids import grid_image
-from ditlab.interop.sampling import to_uint8_rgb
+from ditlab.interop.generation import to_uint8_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("class_accuracy", ROOT / "experiments" / "class_accuracy.py")

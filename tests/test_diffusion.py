@@ -13,6 +13,7 @@ from ditlab.diffusion import (
     cfg_model_fn,
     create_diffusion,
     discretized_gaussian_log_likelihood,
+    get_sampler,
     make_betas,
     normal_kl,
     space_timesteps,
@@ -266,7 +267,15 @@ def test_bad_configuration_and_inputs_raise(diffusion):
     with pytest.raises(ValueError, match="expected"):
         diffusion.training_losses(lambda x, t: torch.zeros(2, 4, 2, 2), x0)  # no variance channels
     with pytest.raises(ValueError, match="move the diffusion"):
-        diffusion.p_sample_loop(lambda x, t: x, (1, 1, 2, 2), device="meta")
+        run_sampler("ddpm", diffusion, lambda x, t: x, torch.zeros(1, 1, 2, 2, device="meta"), 10)
+
+
+def run_sampler(name, diffusion, model_fn, x, steps, generator=None, model_kwargs=None, **options):
+    """The one sampling API (the sampler registry's `run`) from the starting noise x, each step's noise drawn
+    for the whole batch from one `generator`."""
+    noise = lambda: torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)  # noqa: E731
+    with torch.no_grad():
+        return get_sampler(name, **options).run(diffusion, model_fn, x, steps, noise, model_kwargs or {})
 
 
 # Respacing and samplers ----------------------------------------------------------------------------------
@@ -285,55 +294,55 @@ def test_respaced_betas_reproduce_kept_alpha_bar(diffusion):
 
 
 def test_samplers_call_the_model_with_original_timesteps(diffusion):
-    spaced = diffusion.respace("ddim10")
     calls = []
 
     def model_fn(x, t):
         calls.append(t.clone())
         return torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:])
 
-    spaced.p_sample_loop(model_fn, (3, 1, 2, 2))
+    run_sampler("ddim", diffusion, model_fn, torch.randn(3, 1, 2, 2), 10)  # DDIM's ddim10 stride
     assert [c.tolist() for c in calls] == [[s] * 3 for s in range(900, -1, -100)]
+    calls.clear()
+    run_sampler("ddpm", diffusion, model_fn, torch.randn(3, 1, 2, 2), 4)  # DDPM's "4": round(i·999/3)
+    assert [c.tolist() for c in calls] == [[s] * 3 for s in (999, 666, 333, 0)]
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 def test_samplers_recover_a_point_mass(diffusion, sampler):
     """With the exact ε of a point-mass data distribution both samplers land on it: DDIM (η = 0) at
     every step, DDPM because its last step returns the posterior mean at t = 0, which is x0."""
-    spaced = diffusion.respace("25")
     gen = torch.Generator().manual_seed(5)
     c = torch.rand(1, 2, 3, 3, generator=gen, dtype=F64) * 2 - 1
     noise = torch.randn(4, 2, 3, 3, generator=gen, dtype=F64)
     model_fn = true_eps_model(diffusion, c, v=0.0)
-    loop = spaced.ddim_sample_loop if sampler == "ddim" else spaced.p_sample_loop
-    x = loop(model_fn, noise.shape, noise, generator=gen)
+    x = run_sampler(sampler, diffusion, model_fn, noise, 25, generator=gen)
     torch.testing.assert_close(x, c.expand_as(x), rtol=0, atol=1e-10)
 
 
-def test_ddim_eta0_is_deterministic_and_progressive(diffusion):
-    spaced = diffusion.respace("ddim20")
+def test_ddim_eta0_is_deterministic(diffusion):
+    calls = []
 
     def model_fn(x, t):
+        calls.append(t)
         return torch.cat([torch.tanh(x) * (t.view(-1, 1, 1, 1) / 1000), torch.zeros_like(x)], dim=1)
 
-    a = spaced.ddim_sample_loop(model_fn, (2, 3, 4, 4), generator=torch.Generator().manual_seed(6))
-    b = spaced.ddim_sample_loop(model_fn, (2, 3, 4, 4), generator=torch.Generator().manual_seed(6))
-    assert torch.equal(a, b)
     noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(6))
-    steps = list(spaced.ddim_sample_loop_progressive(model_fn, (2, 3, 4, 4), noise=noise))
-    assert len(steps) == 20 and torch.equal(steps[-1]["sample"], a)
-    noisy = spaced.ddim_sample_loop(model_fn, (2, 3, 4, 4), noise, eta=1.0, generator=torch.Generator())
+    a = run_sampler("ddim", diffusion, model_fn, noise, 20, generator=torch.Generator().manual_seed(1))
+    b = run_sampler("ddim", diffusion, model_fn, noise, 20, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and len(calls) == 40  # η = 0 draws no noise; 20 steps each
+    noisy = run_sampler("ddim", diffusion, model_fn, noise, 20, generator=torch.Generator(), eta=1.0)
     assert not torch.allclose(noisy, a)
 
 
 def test_ddpm_seed_reproduces_sample(diffusion):
-    spaced = diffusion.respace("20")
-
     def model_fn(x, t):
         return torch.cat([0.5 * x, torch.tanh(x)], dim=1)
 
     def sample(seed):
-        return spaced.p_sample_loop(model_fn, (2, 3, 4, 4), generator=torch.Generator().manual_seed(seed))
+        gen = torch.Generator().manual_seed(seed)
+        return run_sampler(
+            "ddpm", diffusion, model_fn, torch.randn(2, 3, 4, 4, generator=gen), 20, generator=gen
+        )
 
     assert torch.equal(sample(7), sample(7))
     assert not torch.allclose(sample(7), sample(8))
@@ -391,11 +400,13 @@ def test_guided_sampling_end_to_end(diffusion):
     model = ToyModel()
     guided = cfg_model_fn(model, 1.5, null_class=10, guidance_channels=3)
     y = torch.tensor([1, 2])
-    x = diffusion.respace("5").p_sample_loop(
+    x = run_sampler(
+        "ddpm",
+        diffusion,
         lambda x, t, y: 0.01 * guided(x, t, y),
-        (2, 4, 2, 2),
+        torch.randn(2, 4, 2, 2),
+        5,
         model_kwargs={"y": y},
-        generator=torch.Generator(),
     )
     assert x.shape == (2, 4, 2, 2) and torch.isfinite(x).all() and len(model.labels) == 5
 
@@ -432,12 +443,13 @@ def test_extract_casts_to_input_dtype(diffusion):
 def test_hot_paths_make_no_host_syncs():
     """On the meta device any read of a tensor value (.item(), bool(), data-dependent shapes) raises, so
     running the sampling loops and the loss there proves they never wait on the device."""
-    gd = create_diffusion("10").to("meta")
+    gd = create_diffusion().to("meta")
     guided = cfg_model_fn(ToyModel(), 1.5, null_class=10)
     shape, kwargs = (2, 4, 2, 2), {"model_kwargs": {"y": torch.tensor([1, 2], device="meta")}}
-    assert gd.p_sample_loop(guided, shape, device="meta", **kwargs).device.type == "meta"
-    assert gd.ddim_sample_loop(guided, shape, device="meta", eta=0.5, **kwargs).shape == shape
-    losses = gd.training_losses(guided, torch.zeros(shape, device="meta"), **kwargs)
+    x = torch.zeros(shape, device="meta")
+    assert run_sampler("ddpm", gd, guided, x, 10, **kwargs).device.type == "meta"
+    assert run_sampler("ddim", gd, guided, x, 10, eta=0.5, **kwargs).shape == shape
+    losses = gd.training_losses(guided, x, **kwargs)
     assert losses["loss"].shape == (2,) and losses["loss"].device.type == "meta"
 
 

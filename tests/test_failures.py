@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from ditlab.autoencoders import IdentityAutoencoder
-from ditlab.design import DEFAULT_AXES
+from ditlab.design import default_axes
 from ditlab.diffusion import create_diffusion
 from ditlab.models import build_dit
 from ditlab.training.callbacks import Checkpointing
@@ -213,14 +213,14 @@ def test_a_checkpoint_from_before_an_axis_existed_resumes_at_its_paper_value():
     point = {"block": "adaln_zero", "model": "DiT-Ti", "patch": 8}
     header = {"coordinates": point, "model_config": dict(model.config)}  # no objective, repa, ...
     paper = DiTModule(
-        model, create_diffusion(), IdentityAutoencoder(), info={"coordinates": DEFAULT_AXES | point}
+        model, create_diffusion(), IdentityAutoencoder(), info={"coordinates": default_axes() | point}
     )
     paper.check_resumable(header, "old.ckpt")
     flow = DiTModule(
         model,
         create_diffusion(),
         IdentityAutoencoder(),
-        info={"coordinates": DEFAULT_AXES | point | {"objective": "sit_linear"}},
+        info={"coordinates": default_axes() | point | {"objective": "sit_linear"}},
     )
     with pytest.raises(ValueError, match=r"objective: 'ddpm' vs 'sit_linear'\); resume with"):
         flow.check_resumable(header, "old.ckpt")
@@ -440,6 +440,27 @@ def test_full_disk_is_one_line_in_the_cli_handler():
     )
     wrapped = "Caught ValueError in DataLoader worker process 0.\nOriginal Traceback:\n  ...\nValueError: cannot read image a.png"
     assert error_line(ValueError(wrapped)) == "cannot read image a.png"
+
+
+def test_device_auto_is_this_ranks_gpu_else_the_cpu_and_a_bad_device_is_one_line(monkeypatch):
+    from ditlab.cli import resolve_device
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto") == torch.device("cuda:1")  # torchrun's second process on this node
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ValueError, match=r"^device=cuda:2 but this machine sees 2 CUDA GPU\(s\)"):
+        resolve_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"^device=cuda but this machine sees 0 CUDA GPU\(s\)"):
+        resolve_device("cuda")
+    with pytest.raises(
+        ValueError, match=r"^device=gpu0 is not a device; use auto, cpu, cuda or cuda:<index>$"
+    ):
+        resolve_device("gpu0")
 
 
 def test_checkpointing_setup_checks_room_for_two_checkpoints(tmp_path, monkeypatch):

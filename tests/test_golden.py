@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from ditlab.diffusion import cfg_model_fn, create_diffusion
+from ditlab.diffusion import cfg_model_fn, create_diffusion, get_sampler
 from ditlab.models import build_dit
 
 LOSSES = [3.952016080899359, 1.0992526480614218, 1.236459727490851, 0.9893934981433881]
@@ -72,17 +72,19 @@ def test_loss_and_one_adamw_step_are_unchanged(setup):
 
 @pytest.mark.parametrize("respacing", list(SAMPLES))
 def test_guided_ddpm_and_ddim_samples_are_unchanged(setup, respacing):
+    """Through the one sampling API (the sampler registry), recorded through the diffusion's own loops
+    before they were removed: "10" is DDPM on 10 respaced steps, "ddim10" DDIM on 10 strided steps."""
     model = setup[0].eval()
-    process = create_diffusion().respace(respacing)
-    loop = process.ddim_sample_loop if respacing.startswith("ddim") else process.p_sample_loop
+    solver = get_sampler("ddim" if respacing.startswith("ddim") else "ddpm")
     gen = torch.Generator().manual_seed(2)
     start = torch.randn(3, 1, 8, 8, generator=gen, dtype=torch.float64)
-    out = loop(
-        cfg_model_fn(model, 2.0, null_class=3),
-        (3, 1, 8, 8),
-        start,
-        model_kwargs={"y": torch.tensor([0, 1, 2])},
-        generator=gen,
-        device="cpu",
-    )
+    with torch.no_grad():
+        out = solver.run(
+            create_diffusion(),
+            cfg_model_fn(model, 2.0, null_class=3),
+            start,
+            10,
+            lambda: torch.randn(start.shape, generator=gen, dtype=torch.float64),
+            {"y": torch.tensor([0, 1, 2])},
+        )
     assert (out.sum().item(), out.abs().sum().item()) == pytest.approx(SAMPLES[respacing], rel=1e-10)

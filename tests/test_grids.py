@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
 from ditlab.grids import PAD, grid_image, grid_title, upscale_factor
-from ditlab.interop.sampling import to_uint8_rgb
+from ditlab.interop.generation import to_uint8_rgb
 from ditlab.training.callbacks import SampleGrid
 
 BACKGROUND = 255
@@ -111,7 +111,7 @@ def test_sample_grid_callback_saves_and_logs_the_labelled_grid(tmp_path):
     module = SimpleNamespace(
         ema=SimpleNamespace(num_classes=3),
         device=torch.device("cpu"),
-        sample=lambda labels, **_: (images[: len(labels)], None),
+        sample=lambda labels, spec: (images[: len(labels)], None),
         info={"coordinates": coordinates, "data": {"class_names": ["alpha", "beta", "gamma"]}},
         model=SimpleNamespace(config={}),
     )

@@ -3,6 +3,7 @@ import json
 import pickle
 import re
 import urllib.error
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,8 @@ import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 from safetensors import safe_open
 
-from ditlab.diffusion import cfg_model_fn, create_diffusion, space_timesteps
-from ditlab.diffusion.sampling import image_generators, sample
+from ditlab.diffusion import cfg_model_fn, create_diffusion, get_sampler, space_timesteps
+from ditlab.diffusion.sampling import SamplingSpec, image_generators, sample
 from ditlab.interop import (
     checkpoints,
     export_safetensors,
@@ -29,7 +30,7 @@ from ditlab.interop.diffusers_export import (
     make_scheduler,
     to_diffusers,
 )
-from ditlab.interop.sampling import (
+from ditlab.interop.generation import (
     concat_npz,
     generate,
     save_npz,
@@ -402,10 +403,11 @@ def test_exported_pipeline_samples_like_ditlab_ddim(tmp_path, tiny_vae_dir):
         output_type="pt",
     ).images
 
-    diffusion = create_diffusion("ddim4")
     guided = cfg_model_fn(model, 3.0, null_class=1000)  # the pipeline guides all channels
-    z = diffusion.ddim_sample_loop(guided, noise.shape, noise=noise, model_kwargs={"y": torch.tensor(labels)})
     with torch.no_grad():
+        z = get_sampler("ddim").run(
+            create_diffusion(), guided, noise, 4, lambda: None, {"y": torch.tensor(labels)}
+        )
         expected = (pipe.vae.decode(z / 0.5).sample / 2 + 0.5).clamp(0, 1)
     assert images.shape == (2, 3, 16, 16)
     assert (images - expected).abs().max() < 1e-4
@@ -469,7 +471,8 @@ def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def test_generate_is_independent_of_batches_ranks_and_interruptions(tiny_ckpt, tmp_path):
     loaded = load_dit(tiny_ckpt[0])
-    common = dict(num_samples=7, steps=4, cfg_scale=2.0, seed=3, progress=False, png=False)
+    spec = SamplingSpec("ddpm", steps=4, cfg_scale=2.0, seed=3)
+    common = dict(spec=spec, num_samples=7, progress=False, png=False)
     generate(loaded, tmp_path / "a", batch_size=4, keep_parts=True, **common)
     images, labels = read_npz(tmp_path / "a.npz")
     assert images.shape == (7, 8, 8, 3) and images.dtype == np.uint8 and labels.dtype == np.int64
@@ -498,22 +501,31 @@ def test_generate_is_independent_of_batches_ranks_and_interruptions(tiny_ckpt, t
 
     generate(loaded, tmp_path / "d", batch_size=4, keep_parts=True, **common)
     with pytest.raises(ValueError, match="seed differ"):
-        generate(loaded, tmp_path / "d", batch_size=4, **(common | {"seed": 4}))
+        generate(loaded, tmp_path / "d", batch_size=4, **(common | {"spec": replace(spec, seed=4)}))
 
 
 def test_generate_rejects_bad_arguments(tiny_ckpt, tmp_path):
     loaded = load_dit(tiny_ckpt[0])
-    for kwargs, message in [
-        ({"labels": [0, 5]}, r"labels \[5\] are outside \[0, 3\)"),
-        ({"num_samples": 2, "sampler": "lms"}, "unknown sampler"),
-        ({"num_samples": 2, "sampler": "euler"}, r"use sampler=ddpm \| ddim"),
-        ({"num_samples": 2, "sampler": "ddim", "sampler_options": {"eta": -1}}, "noise level must be"),
-        ({"num_samples": 2, "sampler_options": {"eta": 0.5}}, "eta is not an option of sampler ddpm"),
-        ({"num_samples": 2, "guidance_channels": 3}, r"guidance_channels=3 must be in \[1, 1\]"),
-        ({"num_samples": 2, "npz": False, "png": False}, "nothing to write"),
+    for sampling, kwargs, message in [
+        ({}, {"labels": [0, 5]}, r"labels \[5\] are outside \[0, 3\)"),
+        ({"sampler": "euler"}, {"num_samples": 2}, r"use sampler=ddpm \| ddim"),
+        ({"guidance_channels": 3}, {"num_samples": 2}, r"guidance_channels=3 must be in \[1, 1\]"),
+        ({}, {"num_samples": 2, "npz": False, "png": False}, "nothing to write"),
     ]:
         with pytest.raises(ValueError, match=message):
-            generate(loaded, tmp_path / "x", steps=2, progress=False, **kwargs)
+            spec = SamplingSpec(**{"sampler": "ddpm", "steps": 2} | sampling)
+            generate(loaded, tmp_path / "x", spec, progress=False, **kwargs)
+    for sampling, message in [  # the spec refuses these itself, before any checkpoint is involved
+        ({"sampler": "lms"}, "sampler=lms: unknown"),
+        ({"sampler": "ddim", "sampler_options": {"eta": -1}}, "noise level must be"),
+        ({"sampler": "ddpm", "sampler_options": {"eta": 0.5}}, "eta is not an option of sampler ddpm"),
+        ({"steps": 0}, "steps=0 is out of range: it must be ≥ 1"),
+        ({"cfg_scale": -1}, "cfg_scale=-1 is out of range: it must be ≥ 0"),
+        ({"cfg_interval": [0.9, 0.1]}, r"cfg_interval=\[0.9, 0.1\] must be \[low, high\]"),
+        ({"precision": "fp16"}, "precision=fp16: unknown"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            SamplingSpec(**sampling)
     assert list(tmp_path.iterdir()) == [tmp_path / "tiny.ckpt"]  # nothing written
 
 
@@ -524,8 +536,9 @@ def test_generate_decodes_latents_with_the_checkpoint_vae(tmp_path, tiny_vae_dir
     loaded = load_dit(
         save_ditlab_ckpt(tmp_path / "latent.ckpt", model, model, autoencoder=vae_spec, data=data)
     )
-    common = dict(labels=[3, 999], steps=3, sampler="ddim", cfg_scale=1.5, progress=False, png=False)
-    images = read_npz(generate(loaded, tmp_path / "fp32", **common)["npz"])[0]
+    spec = SamplingSpec("ddim", steps=3, cfg_scale=1.5)
+    common = dict(labels=[3, 999], progress=False, png=False)
+    images = read_npz(generate(loaded, tmp_path / "fp32", spec, **common)["npz"])[0]
     assert images.shape == (2, 16, 16, 3)
 
     z, _ = sample(
@@ -533,17 +546,15 @@ def test_generate_decodes_latents_with_the_checkpoint_vae(tmp_path, tiny_vae_dir
         create_diffusion(),
         image_generators(0, range(2), "cpu"),
         (4, 8, 8),
+        spec,
         labels=torch.tensor([3, 999]),
-        sampler="ddim",
-        steps=3,
-        cfg_scale=1.5,
     )
     vae = AutoencoderKL.from_pretrained(tiny_vae_dir)
     with torch.no_grad():
         expected = to_uint8_rgb(vae.decode(z / 0.5).sample.clamp(-1, 1)).numpy()
     assert np.abs(images.astype(int) - expected).max() <= 1
 
-    bf16 = read_npz(generate(loaded, tmp_path / "bf16", precision="bf16", **common)["npz"])[0]
+    bf16 = read_npz(generate(loaded, tmp_path / "bf16", replace(spec, precision="bf16"), **common)["npz"])[0]
     assert 0 < np.abs(bf16.astype(int) - images).mean() < 2  # autocast changes the numbers, barely
 
 

@@ -11,6 +11,7 @@ import torch
 from ditlab.diffusion import (
     GaussianDiffusion,
     Interpolant,
+    SamplingSpec,
     cfg_model_fn,
     create_diffusion,
     get_sampler,
@@ -260,9 +261,9 @@ def test_a_sampler_of_the_other_objective_is_one_clear_error():
     model = stand_in
     gens = [seeded_generator(0, i) for i in range(2)]
     with pytest.raises(ValueError, match=re.escape("use sampler=euler | heun | dopri5 | euler_maruyama")):
-        sample(model, Interpolant(), gens, (1, 2, 2), sampler="ddim", steps=2, num_classes=3)
+        sample(model, Interpolant(), gens, (1, 2, 2), SamplingSpec("ddim", steps=2), num_classes=3)
     with pytest.raises(ValueError, match=re.escape("use sampler=ddpm | ddim")):
-        sample(model, create_diffusion(), gens, (1, 2, 2), sampler="euler", steps=2, num_classes=3)
+        sample(model, create_diffusion(), gens, (1, 2, 2), SamplingSpec("euler", steps=2), num_classes=3)
     assert isinstance(create_diffusion(), GaussianDiffusion)
 
 
@@ -293,21 +294,17 @@ def test_sampling_is_per_image_and_guided_flow_sampling_runs():
         objective,
         [seeded_generator(3, i) for i in range(2)],
         (1, 2, 2),
-        sampler="heun",
-        steps=4,
+        SamplingSpec("heun", steps=4, cfg_scale=2.0),
         labels=torch.tensor([0, 1]),
         num_classes=3,
-        cfg_scale=2.0,
     )
     second, _ = sample(
         model,
         objective,
         [seeded_generator(3, 1)],
         (1, 2, 2),
-        sampler="heun",
-        steps=4,
+        SamplingSpec("heun", steps=4, cfg_scale=2.0),
         labels=torch.tensor([1]),
         num_classes=3,
-        cfg_scale=2.0,
     )
     torch.testing.assert_close(both[1:], second)

@@ -15,6 +15,7 @@ import torch
 from ditlab.diffusion import PATHS, SAMPLERS, create_diffusion
 from ditlab.diffusion.interpolant import Interpolant
 from ditlab.models import BLOCKS, DIT_SIZES
+from ditlab.report import load_records, table4_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGINS = ROOT / "tests" / "plugins"
@@ -109,3 +110,40 @@ def test_a_users_objective_trains_is_named_and_samples_from_its_checkpoint(tmp_p
         "x0",
         str(round(float(create_diffusion(noise_schedule="cosine").betas[-1]), 4)),
     ]
+
+
+def test_a_users_whole_new_axis_is_swept_named_tagged_recorded_and_reported(tmp_path):
+    """A new axis (label dropout) from tests/plugins alone: one `register_axis` in the user's module and one
+    config group; swept with -m, it is in the run names, the W&B tags, results.json and the report's table."""
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "PYTHONPATH": f"{PLUGINS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    sweep = tmp_path / "sweep"
+    args = [
+        sys.executable,
+        str(ROOT / "src" / "train.py"),
+        "-m",
+        f"hydra.searchpath=[file://{PLUGINS / 'conf'}]",
+    ]
+    args += [
+        "+label_dropout=no_label_drop,label_drop_10",
+        "debug=tiny",
+        "~callbacks.fid",
+        "~callbacks.sample_grid",
+    ]
+    args += ["logger=wandb", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    off, paper = sweep / "0_adaln_zero-DiT-Ti-p8+no_label_drop", sweep / "1_adaln_zero-DiT-Ti-p8"  # run names
+    records = {p: json.loads((p / "results.json").read_text()) for p in (off, paper)}
+    assert records[off]["coordinates"]["label_dropout"] == "no_label_drop"
+    assert records[off]["run_name"] == "adaln_zero-DiT-Ti-p8+no_label_drop"
+    assert records[paper]["coordinates"]["label_dropout"] == "label_drop_10"
+    assert records[off]["config"]["net"]["class_dropout_prob"] == 0.0  # the axis acted on the run
+    for run, value in ((off, b"label_dropout=no_label_drop"), (paper, b"label_dropout=label_drop_10")):
+        [wandb_run] = run.glob("wandb/offline-run-*/run-*.wandb")
+        assert value in wandb_run.read_bytes()  # among the W&B run's tags
+    rows = table4_rows(load_records(sweep))  # in this process, where the plugin was never imported
+    assert sorted(row["axes"] for row in rows) == ["", "label_dropout=no_label_drop"]

@@ -153,6 +153,38 @@ def test_successor_axes_are_points_of_their_own(tmp_path):
     ]
 
 
+def test_axes_that_leave_gflops_unchanged_are_drawn_by_axis_not_along_gflops(tmp_path):
+    """Points of one size and patch that differ only in the successors' axes: each its own line along
+    Gflops (here a single marker: no patches joined across axes), and one marker per point in
+    fid_by_axis.png, labelled by its axes, at the mean over seeds with the seeds' range."""
+    docs = []
+    for seed, shift in ((0, 0.0), (1, 4.0)):
+        for axes, fid in (
+            ({}, 120.0),
+            ({"objective": "sit_linear", "predict": "velocity"}, 95.0),
+            ({"mlp": "swiglu"}, 110.0),
+        ):
+            doc = record("adaln_zero", "DiT-Ti", 4, 2.8, 0.12, fid + shift, seed=seed)
+            doc["coordinates"] |= axes
+            docs.append(doc)
+    records = load_records(write_records(tmp_path / "runs", docs))
+    lines = report.plot_fid_vs_gflops(records).axes[0].get_lines()
+    assert sorted(len(line.get_xdata()) for line in lines) == [1, 1, 1]  # no vertical line through axes
+    ax = report.plot_fid_by_axis(records).axes[0]
+    labels = [t.get_text().replace("\n", " ") for t in ax.get_yticklabels()]
+    means = dict(zip(labels, ax.get_lines()[0].get_xdata(), strict=True))
+    assert means == {
+        "Ti/4": 122.0,
+        "Ti/4 objective=sit_linear, predict=velocity": 97.0,
+        "Ti/4 mlp=swiglu": 112.0,
+    }
+    assert (
+        report.plot_fid_by_axis(load_records(write_table4_records(tmp_path / "t4"))) is None
+    )  # no such axes
+    written = report.write_report(records, tmp_path / "out")
+    assert "fid_by_axis.png" in written and written["fid_by_axis.png"].is_file()
+
+
 def test_written_tables_hold_the_record_values(table4_folder, tmp_path):
     written = write_report(load_records(table4_folder), tmp_path / "report")
     with open(written["table4.csv"]) as f:

@@ -8,9 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
+from ditlab.diffusion import SamplingSpec
 from ditlab.grids import grid_image
 from ditlab.interop.checkpoints import load_dit
-from ditlab.interop.sampling import generate
+from ditlab.interop.generation import generate
 from ditlab.models import DiT
 
 SAMPLE = Path(__file__).resolve().parents[1] / "src" / "sample.py"
@@ -84,10 +85,8 @@ def test_cli_class_grid_and_npz_match_the_library(tmp_path, ckpt):
     expected = generate(
         load_dit(ckpt),
         tmp_path / "lib",
+        SamplingSpec("ddpm", steps=3, seed=5, cfg_scale=2.0),
         labels=labels.tolist(),
-        steps=3,
-        seed=5,
-        cfg_scale=2.0,
         batch_size=6,
         png=False,
         progress=False,

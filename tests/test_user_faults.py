@@ -2,7 +2,6 @@
 exit status 2 and nothing half-written, and a training log holding only lines a user can act on."""
 
 import errno
-import importlib.util
 import os
 import resource
 import subprocess
@@ -57,19 +56,17 @@ def test_report_turns_a_wandb_failure_into_one_line(monkeypatch):
     import wandb.errors
     from omegaconf import OmegaConf
 
-    spec = importlib.util.spec_from_file_location("report_cli", ROOT / "src" / "report.py")
-    report_cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report_cli)
+    from ditlab.report import build
 
-    def unreachable(cfg):
+    def unreachable(project, group):
         raise wandb.errors.CommError("Could not connect to api.wandb.ai")
 
-    monkeypatch.setattr(report_cli, "wandb_logged_in", lambda: True)
-    monkeypatch.setattr(report_cli, "run_report", unreachable)
+    monkeypatch.setattr(build, "wandb_logged_in", lambda: True)
+    monkeypatch.setattr(build, "load_wandb_records", unreachable)
     with pytest.raises(
         ValueError, match=r"^wandb=team/ditlab: W&B failed \(Could not connect to api\.wandb\.ai\)"
     ):
-        report_cli.report(OmegaConf.create({"wandb": "team/ditlab"}))
+        build.run_report(OmegaConf.create({"wandb": "team/ditlab"}))
 
 
 # ---- export.py ---------------------------------------------------------------------------------------------

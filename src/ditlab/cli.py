@@ -1,6 +1,6 @@
-"""What the entry points share: bad input ends with one clear line and exit status 2, not a traceback."""
+"""What the entry points share: bad input ends with one clear line and exit status 2, not a traceback; one
+rule for `device=auto` (`resolve_device`)."""
 
-import importlib
 import os
 import sys
 import traceback
@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
@@ -67,19 +68,23 @@ def _failed_job(error: BaseException) -> JobFailure:
     return JobFailure(error=f"{type(error).__name__}: {error_line(error)}", traceback=trace)
 
 
-def import_registering_modules(cfg: Any) -> None:
-    """Imports the module each registry entry of the run names (`module:` in conf/block, conf/model,
-    conf/pos_embed, conf/norm, conf/mlp and conf/sampler), so that an entry defined in the user's own
-    package registers itself before it is looked up by name."""
-    for group in ("block", "model", "pos_embed", "norm", "mlp", "sampler"):
-        module = (cfg.get(group) or {}).get("module")
-        if module:
-            try:
-                importlib.import_module(module)
-            except ImportError as err:
-                raise ValueError(
-                    f"{group}.module={module} cannot be imported ({err}); put its package on the Python path"
-                ) from None
+def resolve_device(name: str) -> torch.device:
+    """The device a `device=` option names: "auto" is this process's GPU (cuda:LOCAL_RANK, one per rank
+    under torchrun) when CUDA is available, else the CPU; any other name is `torch.device(name)`. A name
+    torch does not know, or a CUDA device that is not there, is a ValueError in one line."""
+    if name == "auto":
+        name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device={name} is not a device; use auto, cpu, cuda or cuda:<index>") from None
+    count = torch.cuda.device_count()  # 0 without CUDA
+    if device.type == "cuda" and (device.index or 0) >= count:
+        raise ValueError(
+            f"device={name} but this machine sees {count} CUDA GPU(s); use device=auto or device=cpu, or "
+            "check CUDA_VISIBLE_DEVICES and the driver"
+        )
+    return device
 
 
 def wandb_logged_in() -> bool:

@@ -1,4 +1,5 @@
-"""Files: atomic writes, the cache folder, and reading PyTorch files without running their code.
+"""Files: atomic writes, the cache folder, reading PyTorch files without running their code, and the
+"ditlab" header that training checkpoints and exports carry.
 
 The bottom layer of ditlab: it imports nothing of ditlab, and every module that writes a result, a
 checkpoint or a cache entry, or reads a `.pt`/`.ckpt`, goes through it.
@@ -20,6 +21,17 @@ import torch
 
 class CheckpointFileError(ValueError):
     """A file that cannot be read as a checkpoint: what it is instead, in one line."""
+
+
+# Of the header `checkpoint_header` builds; a reader refuses a file of a newer version.
+HEADER_VERSION = 1
+
+
+def checkpoint_header(model_config: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """The "ditlab" header of a training checkpoint or an export (plain data): its version, the model's
+    `DiT.config` and `fields` (diffusion, autoencoder, data, coordinates, ...), so that the file alone
+    rebuilds the model."""
+    return {"version": HEADER_VERSION, "model_config": dict(model_config), **fields}
 
 
 def cache_folder(sub: str = "") -> Path:

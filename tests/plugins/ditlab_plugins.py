@@ -1,5 +1,5 @@
 """A user's own design-space entries, outside `src/ditlab`: a fifth block, a size, a sampler, a dataset, an
-interpolant path and an objective.
+interpolant path, an objective and a whole new axis (label dropout).
 Each is one class (or one registered value) here plus one YAML in `conf/` beside this file."""
 
 from pathlib import Path
@@ -8,14 +8,16 @@ import torch
 from torch import nn
 
 from ditlab.data.base import ImageDataModule, InMemoryImageDataset, collate_batched
+from ditlab.design import group_axis, register_axis
 from ditlab.diffusion import GaussianDiffusion, create_diffusion, register_objective
-from ditlab.diffusion.interpolant import Path as InterpolantPath
-from ditlab.diffusion.interpolant import register_path
+from ditlab.diffusion.interpolant import InterpolantPath, register_path
 from ditlab.diffusion.sampling import DDIM, register_sampler
 from ditlab.models import DiTBlock, DiTSize, register_block, register_size
 from ditlab.models.blocks import Attention, mlp
 
 register_size("DiT-Pico", DiTSize(depth=1, hidden_size=48, num_heads=2, in_paper=False))
+# A new axis: its config group conf/label_dropout/ (label_drop_10, the paper's, or no_label_drop).
+register_axis("label_dropout", group_axis("label_dropout", "label_drop_10"))
 
 
 @register_block("film")

@@ -6,11 +6,13 @@ Rank 0 creates the folder (arrays first, manifest last); the other ranks wait fo
 is marked done by an empty file created after its rows are flushed, so an interrupted extraction
 resumes where it stopped, with any number of ranks. Each chunk's posterior noise comes from a
 generator seeded by (seed, chunk), so the result does not depend on the number of ranks or on resuming.
-The rank that finishes the last chunk marks the manifest complete.
+The rank that finishes the last chunk marks the manifest complete. `run_extract` is the body of
+`src/extract_latents.py`.
 """
 
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -18,10 +20,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ditlab.autoencoders import Autoencoder
+from ditlab.cli import resolve_device
 from ditlab.data.base import ImageDataModule
 from ditlab.data.latents import CHUNKS, FORMAT, LABELS, LATENTS, MANIFEST, read_manifest
 from ditlab.io import atomic_path, atomic_write_text
@@ -202,4 +208,40 @@ def extract_latents(
     manifest = {**stored, "done_chunks": done, "complete": done == num_chunks}
     if manifest["complete"]:
         write_json_atomic(path / MANIFEST, manifest)
+    return manifest
+
+
+def run_extract(cfg: DictConfig) -> dict[str, Any]:
+    """The body of `src/extract_latents.py` (options: conf/extract_latents.yaml): this rank's chunks of
+    `cfg.data` encoded into `cfg.path`, and the command that trains from them once all are done; returns
+    the manifest."""
+    manifest = extract_latents(
+        instantiate(cfg.data),
+        instantiate(cfg.autoencoder),
+        cfg.path,
+        split=cfg.split,
+        flip=cfg.flip,
+        dtype=cfg.dtype,
+        chunk_size=cfg.chunk_size,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        rank=cfg.rank,
+        world_size=cfg.world_size,
+        device=resolve_device(cfg.device),
+        wait_timeout_s=cfg.wait_timeout_s,
+    )
+    if not manifest["complete"]:
+        print(
+            f"rank {cfg.rank}: its chunks are done ({manifest['done_chunks']} of {manifest['num_chunks']} in all); "
+            "the rank that finishes last completes the manifest. If a rank failed, rerun the same command."
+        )
+        return manifest
+    hydra_cfg = HydraConfig.get()
+    autoencoder_args = [f"autoencoder={hydra_cfg.runtime.choices.autoencoder}"]
+    autoencoder_args += [o for o in hydra_cfg.overrides.task if o.startswith("autoencoder.")]
+    latents, path = manifest["latents"], os.path.abspath(cfg.path)
+    print(
+        f"Latents {latents['shape']} ({latents['dtype']}) of {manifest['data']['split']} are in {path}.\n"
+        f"Train from them with:\n  python src/train.py data=latents data.path={path} {' '.join(autoencoder_args)}"
+    )
     return manifest

@@ -11,8 +11,16 @@ from ditlab.diffusion.gaussian_diffusion import (
     normal_kl,
 )
 from ditlab.diffusion.guidance import cfg_model_fn
-from ditlab.diffusion.interpolant import PATHS, Interpolant, Path, register_path
-from ditlab.diffusion.sampling import SAMPLERS, Objective, Sampler, get_sampler, register_sampler, sample
+from ditlab.diffusion.interpolant import PATHS, Interpolant, InterpolantPath, register_path
+from ditlab.diffusion.sampling import (
+    SAMPLERS,
+    Objective,
+    Sampler,
+    SamplingSpec,
+    get_sampler,
+    register_sampler,
+    sample,
+)
 from ditlab.diffusion.schedules import make_betas, space_timesteps
 from ditlab.registry import Registry, locate
 
@@ -23,9 +31,10 @@ __all__ = [
     "SAMPLERS",
     "GaussianDiffusion",
     "Interpolant",
+    "InterpolantPath",
     "Objective",
-    "Path",
     "Sampler",
+    "SamplingSpec",
     "approx_standard_normal_cdf",
     "build_objective",
     "cfg_model_fn",

@@ -1,4 +1,5 @@
-"""Gaussian diffusion: the forward process, the hybrid training objective and the DDPM/DDIM samplers.
+"""Gaussian diffusion: the forward process, the hybrid training objective and the DDPM/DDIM steps (the
+loops over them are the sampler registry's, `ditlab.diffusion.sampling`).
 
 The diffusion knows nothing of the model: a model is any callable `model_fn(x_t, t, **model_kwargs)`
 returning (N, 2C, H, W) when the variance is learned (first C channels the prediction, last C channels
@@ -8,11 +9,10 @@ dtype of the tensor they multiply.
 """
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ditlab.diffusion.schedules import space_timesteps
 
@@ -89,7 +89,8 @@ class GaussianDiffusion(nn.Module):
     ) -> None:
         super().__init__()
         betas = torch.as_tensor(betas, dtype=torch.float64)
-        if betas.ndim != 1 or len(betas) < 2 or not bool(((betas > 0) & (betas <= 1)).all()):
+        in_range = betas.device.type == "meta" or bool(((betas > 0) & (betas <= 1)).all())  # meta: no values
+        if betas.ndim != 1 or len(betas) < 2 or not in_range:
             raise ValueError(f"betas must be a 1-D tensor of at least 2 values in (0, 1], got {betas}")
         if predict not in PREDICTIONS:
             raise ValueError(f"unknown prediction target {predict!r}; choose one of {PREDICTIONS}")
@@ -388,28 +389,6 @@ class GaussianDiffusion(nn.Module):
             sample = sample + sigma * noise
         return {"sample": sample, "pred_xstart": pred_xstart}
 
-    @torch.no_grad()
-    def _loop(
-        self,
-        step: Callable[..., dict[str, Tensor]],
-        model_fn: ModelFn,
-        shape: tuple[int, ...],
-        noise: Tensor | None,
-        device: torch.device | str | None,
-        generator: torch.Generator | None,
-        progress: bool,
-        **step_kwargs,
-    ) -> Iterator[dict[str, Tensor]]:
-        device = self._check_device(device if noise is None else noise.device)
-        if noise is not None and tuple(noise.shape) != tuple(shape):
-            raise ValueError(f"noise has shape {tuple(noise.shape)}, but shape={tuple(shape)} was asked for")
-        x = noise if noise is not None else torch.randn(shape, generator=generator, device=device)
-        for i in tqdm(range(self.num_timesteps - 1, -1, -1), disable=not progress, desc="sampling"):
-            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
-            out = step(model_fn, x, t, generator=generator, **step_kwargs)
-            x = out["sample"]
-            yield out
-
     def _check_device(self, device: torch.device | str | None) -> torch.device:
         """The tables' device, after checking that a requested device is the same one."""
         table_device = self.betas.device
@@ -424,78 +403,6 @@ class GaussianDiffusion(nn.Module):
                     f"move the diffusion first with diffusion.to({str(device)!r})"
                 )
         return table_device
-
-    def p_sample_loop_progressive(
-        self,
-        model_fn: ModelFn,
-        shape: tuple[int, ...],
-        noise: Tensor | None = None,
-        model_kwargs: dict | None = None,
-        clip_denoised: bool = False,
-        denoised_fn: Callable[[Tensor], Tensor] | None = None,
-        device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-    ) -> Iterator[dict[str, Tensor]]:
-        """Ancestral DDPM sampling from x_T = noise (N(0, I) of `shape` when None), yielding each step's
-        `sample` and `pred_xstart`. `clip_denoised` is for pixel data in [-1, 1]; leave it off for
-        latents (the reference samples latents unclipped)."""
-        return self._loop(
-            self.p_sample,
-            model_fn,
-            shape,
-            noise,
-            device,
-            generator,
-            progress,
-            model_kwargs=model_kwargs,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-        )
-
-    def p_sample_loop(
-        self, model_fn: ModelFn, shape: tuple[int, ...], noise: Tensor | None = None, **kwargs
-    ) -> Tensor:
-        """The final sample (shape) of `p_sample_loop_progressive` (same arguments)."""
-        for out in self.p_sample_loop_progressive(model_fn, shape, noise, **kwargs):
-            x = out["sample"]
-        return x
-
-    def ddim_sample_loop_progressive(
-        self,
-        model_fn: ModelFn,
-        shape: tuple[int, ...],
-        noise: Tensor | None = None,
-        model_kwargs: dict | None = None,
-        clip_denoised: bool = False,
-        denoised_fn: Callable[[Tensor], Tensor] | None = None,
-        device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-        eta: float = 0.0,
-    ) -> Iterator[dict[str, Tensor]]:
-        """DDIM sampling over this process's steps (respace it first for fewer), yielding each step."""
-        return self._loop(
-            self.ddim_sample,
-            model_fn,
-            shape,
-            noise,
-            device,
-            generator,
-            progress,
-            model_kwargs=model_kwargs,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            eta=eta,
-        )
-
-    def ddim_sample_loop(
-        self, model_fn: ModelFn, shape: tuple[int, ...], noise: Tensor | None = None, **kwargs
-    ) -> Tensor:
-        """The final sample (shape) of `ddim_sample_loop_progressive` (same arguments)."""
-        for out in self.ddim_sample_loop_progressive(model_fn, shape, noise, **kwargs):
-            x = out["sample"]
-        return x
 
     # Respacing ---------------------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ TIME_SAMPLINGS = ("uniform", "logit_normal")
 ModelFn = Callable[..., Tensor]
 
 
-class Path:
+class InterpolantPath:
     """α_t, σ_t and their derivatives in t, as tensors of t's shape and dtype."""
 
     name = ""
@@ -39,12 +39,12 @@ class Path:
         raise NotImplementedError
 
 
-PATHS: Registry[type[Path]] = Registry("path")
-register_path = PATHS.register  # @register_path("name") on a Path: `diffusion.path=name`
+PATHS: Registry[type[InterpolantPath]] = Registry("path")
+register_path = PATHS.register  # @register_path("name") on an InterpolantPath: `diffusion.path=name`
 
 
 @register_path("linear")
-class LinearPath(Path):
+class LinearPath(InterpolantPath):
     """x_t = t·x1 + (1 − t)·ε: the straight line; its velocity is x1 − ε."""
 
     def coefficients(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -52,7 +52,7 @@ class LinearPath(Path):
 
 
 @register_path("gvp")
-class GVPPath(Path):
+class GVPPath(InterpolantPath):
     """Generalised variance-preserving: α_t = sin(πt/2), σ_t = cos(πt/2), so α² + σ² = 1."""
 
     def coefficients(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -18,6 +18,7 @@ so that a new diffusion sampler defines only those two.
 
 import inspect
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ import torchdiffeq
 from torch import Tensor
 
 from ditlab.diffusion.gaussian_diffusion import GaussianDiffusion
-from ditlab.diffusion.guidance import cfg_model_fn
+from ditlab.diffusion.guidance import cfg_model_fn, check_cfg_interval
 from ditlab.diffusion.interpolant import Interpolant
 from ditlab.registry import Registry
 
@@ -68,6 +69,7 @@ class Sampler:
         clip_denoised: bool = False,
     ) -> Tensor:
         """x (N, C, H, W), the starting noise, → the sample; `steps` as the sampler counts them."""
+        objective._check_device(x.device)  # one clear line, not an indexing error inside a step
         process = self.process(objective, steps)
         n = x.shape[0]
         for i in range(process.num_timesteps - 1, -1, -1):
@@ -291,51 +293,108 @@ def check_fits(solver: Sampler, objective: Objective, key: str = "sampler") -> N
     solver.check(objective)
 
 
+PRECISIONS = ("fp32", "tf32", "bf16")  # how sample.py runs the model (in training: the trainer's)
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How images are sampled, validated once: taken by the training grids and FID, `DiTModule.sample`,
+    `ImageSampler` (sample.py's mass sampler) and `sample`.
+
+    `sampler` (a registered name, or "auto": the objective's own, `resolve`d against it) with its
+    `sampler_options`, `steps`, classifier-free guidance `cfg_scale` on the first `guidance_channels` ε
+    channels (None: all) within `cfg_interval` (fractions of the way from the noise to the data; None:
+    everywhere), the job's `seed` (image i draws from seed·SEED_STRIDE + i) and, for sample.py,
+    `precision` (fp32 | tf32 | bf16). `key` is the config prefix its values came from (e.g.
+    "callbacks.fid."), so that a bad value names the key the user wrote.
+    """
+
+    sampler: str = "ddim"
+    sampler_options: dict[str, Any] = field(default_factory=dict)
+    steps: int = 50
+    cfg_scale: float = 1.0
+    cfg_interval: tuple[float, float] | None = None
+    guidance_channels: int | None = None
+    seed: int = 0
+    precision: str = "fp32"
+    key: str = field(default="", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        k = self.key
+        if self.sampler != "auto" and self.sampler not in SAMPLERS:
+            raise ValueError(f"{k}sampler={self.sampler}: unknown; valid: auto, {', '.join(SAMPLERS)}")
+        object.__setattr__(self, "sampler_options", dict(self.sampler_options or {}))
+        if self.sampler != "auto":
+            self.solver()  # a bad option fails here, before any image
+        for name, value, low in (("steps", self.steps, 1), ("cfg_scale", self.cfg_scale, 0)):
+            if not isinstance(value, int | float) or value < low:
+                raise ValueError(f"{k}{name}={value} is out of range: it must be ≥ {low}")
+        if self.guidance_channels is not None and self.guidance_channels < 1:
+            raise ValueError(f"{k}guidance_channels={self.guidance_channels} must be ≥ 1, or null for all")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"{k}precision={self.precision}: unknown; valid: {', '.join(PRECISIONS)}")
+        object.__setattr__(
+            self, "cfg_interval", check_cfg_interval(self.cfg_interval, key=f"{k}cfg_interval")
+        )
+
+    def solver(self) -> Sampler:
+        """The configured sampler (a fresh one: samplers keep per-run counters)."""
+        return get_sampler(self.sampler, **self.sampler_options)
+
+    def resolve(self, objective: Objective, in_channels: int | None = None) -> "SamplingSpec":
+        """This spec for `objective`: "auto" replaced by the objective's sampler, the sampler checked
+        against it (`check_fits`), the guidance channels against the model's `in_channels`."""
+        spec = self if self.sampler != "auto" else replace(self, sampler=objective.default_sampler)
+        check_fits(spec.solver(), objective, key=f"{self.key}sampler")
+        if in_channels is not None and spec.guidance_channels not in (None, *range(1, in_channels + 1)):
+            raise ValueError(
+                f"{self.key}guidance_channels={spec.guidance_channels} must be in [1, {in_channels}] "
+                "(this model's channels), or null for all"
+            )
+        return spec
+
+    def as_record(self) -> dict[str, Any]:
+        """The settings as JSON values (a job's manifest, a record)."""
+        record = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "key"}
+        return record | {"cfg_interval": None if self.cfg_interval is None else list(self.cfg_interval)}
+
+
 @torch.no_grad()
 def sample(
     model: ModelFn,
     diffusion: Objective,
     generators: list[torch.Generator],
     shape: tuple[int, int, int],
+    spec: SamplingSpec,
     *,
-    sampler: str | Sampler = "ddpm",
-    steps: int = 250,
     labels: Tensor | None = None,
     num_classes: int | None = None,
-    cfg_scale: float = 1.0,
-    guidance_channels: int | None = None,
-    cfg_interval: tuple[float, float] | None = None,
     clip_denoised: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Latents (N, C, H, W) of `shape` (C, H, W) and their labels (N,), one image per generator.
+    """Latents (N, C, H, W) of `shape` (C, H, W) and their labels (N,), one image per generator, as `spec`
+    says (its `seed` and `precision` are the caller's: they chose the generators and the model's dtype).
 
-    `model(x, t, y)` is the class-conditional network (its null label is `num_classes`); classifier-free
-    guidance with `cfg_scale` acts on the first `guidance_channels` ε channels (None: all), at the times in
-    `cfg_interval` only when given (see `cfg_model_fn`). Labels are
+    `model(x, t, y)` is the class-conditional network (its null label is `num_classes`). Labels are
     `labels`, or drawn uniformly from [0, num_classes) with each image's generator (before its noise).
     The result is on the generators' device.
     """
     if num_classes is None:
         num_classes = getattr(model, "num_classes", None)
-    if cfg_scale < 0:
-        raise ValueError(f"cfg_scale={cfg_scale} must be ≥ 0 (1: no guidance)")
-    if steps < 1:
-        raise ValueError(f"steps={steps} must be ≥ 1")
-    solver = get_sampler(sampler) if isinstance(sampler, str) else sampler
-    check_fits(solver, diffusion)
+    spec = spec.resolve(diffusion)
+    solver = spec.solver()
     device = generators[0].device
     if labels is None:
         labels = torch.cat([torch.randint(num_classes, (1,), generator=g, device=device) for g in generators])
     model_fn = cfg_model_fn(
         model,
-        cfg_scale,
+        spec.cfg_scale,
         null_class=num_classes,
-        guidance_channels=guidance_channels,
-        interval=cfg_interval,
+        guidance_channels=spec.guidance_channels,
+        interval=spec.cfg_interval,
         data_fraction=diffusion.data_fraction,
     )
     x = _randn(generators, shape)
     x = solver.run(
-        diffusion, model_fn, x, steps, lambda: _randn(generators, shape), {"y": labels}, clip_denoised
+        diffusion, model_fn, x, spec.steps, lambda: _randn(generators, shape), {"y": labels}, clip_denoised
     )
     return x, labels

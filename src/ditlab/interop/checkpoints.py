@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from ditlab.interop.formats import (
     LoadedDiT,
     build_model,
-    check_fits,
+    check_weights_fit,
     load_dit_file,
     read_checkpoint,
     resolve_checkpoint,
@@ -82,7 +82,7 @@ def init_from_checkpoint(
     merged = {**state_dict, **{k: own[k] for k in kept}}
     if "pos_embed" in own:  # absent with pos_embed="rope"
         merged.setdefault("pos_embed", own["pos_embed"])
-    check_fits(model.config, merged, "you asked for", str(path), file_state_dict=state_dict)
+    check_weights_fit(model.config, merged, "you asked for", str(path), file_state_dict=state_dict)
     model.load_state_dict(merged, strict=True)
     if kept:
         log.warning("init_from %s: kept at initialisation (shape differs): %s", path, ", ".join(kept))

@@ -32,13 +32,19 @@ from torch import Tensor
 
 from ditlab.autoencoders import SDVAE, Autoencoder, IdentityAutoencoder
 from ditlab.diffusion import PAPER_DIFFUSION, objective_builder
-from ditlab.io import CheckpointFileError, atomic_path, cache_folder, load_torch_file
+from ditlab.io import (
+    HEADER_VERSION,
+    CheckpointFileError,
+    atomic_path,
+    cache_folder,
+    checkpoint_header,
+    load_torch_file,
+)
 from ditlab.models import BLOCKS, DIT_SIZES, PATCH_SIZES, DiT, complete_config, parse_model_name
 from ditlab.models.embeddings import sincos_pos_embed_2d
 
 log = logging.getLogger(__name__)
 
-HEADER_VERSION = 1
 RELEASED_URL = "https://dl.fbaipublicfiles.com/DiT/models/{name}"
 RELEASED_NAMES = ("DiT-XL-2-256x256.pt", "DiT-XL-2-512x512.pt")
 SD_VAE_SCALE = 0.18215  # the reference's latent scale for the SD VAE
@@ -78,16 +84,15 @@ class LoadedDiT:
 
     def header(self) -> dict[str, Any]:
         """The ditlab header (plain data) describing this model, as stored in checkpoints and exports."""
-        return {
-            "version": HEADER_VERSION,
-            "model_config": dict(self.model.config),
-            "diffusion": dict(self.diffusion),
-            "autoencoder": dict(self.autoencoder),
-            "data": dict(self.data),
-            "guidance_channels": self.guidance_channels,
+        return checkpoint_header(
+            self.model.config,
+            diffusion=dict(self.diffusion),
+            autoencoder=dict(self.autoencoder),
+            data=dict(self.data),
+            guidance_channels=self.guidance_channels,
             # Exports keep the design point, for their sample grids' titles.
             **({"coordinates": dict(self.coordinates)} if self.coordinates else {}),
-        }
+        )
 
     def build_autoencoder(self) -> Autoencoder:
         """The autoencoder the model was trained with (`autoencoder`: normalised by `load_dit`)."""
@@ -199,7 +204,7 @@ def infer_config(state_dict: dict[str, Tensor]) -> dict[str, Any]:
     return config
 
 
-def check_fits(
+def check_weights_fit(
     model_config: dict[str, Any],
     state_dict: dict[str, Tensor],
     declared: str,
@@ -447,7 +452,7 @@ def build_model(config: dict[str, Any], state_dict: dict[str, Tensor], declared:
     if "pos_embed" not in state_dict and model.pos_embed is not None:
         grid = config["input_size"] // config["patch_size"]
         state_dict["pos_embed"] = sincos_pos_embed_2d(config["hidden_size"], grid)[None]
-    check_fits(config, state_dict, declared, source)
+    check_weights_fit(config, state_dict, declared, source)
     model.load_state_dict(state_dict, strict=True, assign=True)  # takes the loaded tensors, no init
     return model.requires_grad_(False).eval()
 

@@ -2,7 +2,8 @@
 
 The samples go through the feature network once; the pool features feed FID, precision/recall and the
 Inception Score logits, the spatial features sFID. `evaluate_samples` returns a flat dict,
-`format_metrics` prints it as a table and `write_metrics_json` stores it next to the samples.
+`format_metrics` prints it as a table and `write_metrics_json` stores it next to the samples;
+`run_evaluate` is the body of `src/evaluate.py`.
 """
 
 import json
@@ -11,16 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 from tqdm import tqdm
 
+from ditlab.cli import resolve_device
 from ditlab.io import atomic_write_text
-from ditlab.metrics.features import FC_WEIGHTS_FILE
+from ditlab.metrics.features import FC_WEIGHTS_FILE, InceptionFeatures
 from ditlab.metrics.fid import PrecomputedFeatures, frechet_metric
 from ditlab.metrics.image_sources import iter_npz_images, npz_image_shape
 from ditlab.metrics.inception_score import inception_score
 from ditlab.metrics.precision_recall import precision_recall
-from ditlab.metrics.reference import ReferenceStats
+from ditlab.metrics.reference import ReferenceStats, load_reference
 
 METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
 
@@ -118,3 +121,26 @@ def write_metrics_json(results: dict[str, Any], samples: str | Path) -> Path:
     path = Path(samples).with_suffix(".metrics.json")
     clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in results.items()}
     return atomic_write_text(path, json.dumps(clean, indent=2, allow_nan=False) + "\n")
+
+
+def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """The body of `src/evaluate.py` (options: conf/evaluate.yaml): the metrics of `cfg.samples` against
+    `cfg.ref`, printed and written to `<samples>.metrics.json`; returns them."""
+    try:  # a bad samples file fails now, not after the reference statistics
+        npz_image_shape(cfg.samples)
+    except (ValueError, FileNotFoundError) as err:
+        raise type(err)(f"samples: {err}") from None
+    device = resolve_device(cfg.device)
+    net = InceptionFeatures(cfg.inception, fc_weights_path=cfg.inception_fc_weights)
+    reference = load_reference(
+        cfg.ref,
+        net,
+        cache_dir=cfg.cache_dir,
+        batch_size=cfg.batch_size,
+        num_pr_images=cfg.num_pr_images,
+        device=device,
+    )
+    results = evaluate_samples(cfg.samples, reference, net, batch_size=cfg.batch_size, device=device, k=cfg.k)
+    print(format_metrics(results))
+    print(f"wrote {write_metrics_json(results, cfg.samples)}")
+    return results

@@ -9,6 +9,8 @@ protocol, ... are separate rows, labelled by what differs); `write_report` turns
     table4.md / table4.csv   rows = model size, columns = patch size (paper order): FID, Gflops, params
     blocks.md / blocks.csv   one row per point, when the conditioning block varies
     runs.md                  one row per run: seed, precision, device, steps, FID and its history
+    fid_by_axis.png          FID per point where points of one size and patch differ in other axes (those
+                             leave Gflops unchanged: drawn by axis, not along Gflops)
     fid_vs_gflops.png        FID against forward Gflops (log x), one colour and marker per model size
     fid_vs_compute.png       FID against training compute (Gflops), one curve per point
 
@@ -18,7 +20,7 @@ report run), `build` (the report folder and the command line `src/report.py`). T
 """
 
 from ditlab.report.build import ReportConfig, run_report, write_report
-from ditlab.report.figures import DPI, FIGSIZE, plot_fid_vs_compute, plot_fid_vs_gflops
+from ditlab.report.figures import DPI, FIGSIZE, plot_fid_by_axis, plot_fid_vs_compute, plot_fid_vs_gflops
 from ditlab.report.records import (
     RECORD_FILE,
     PointResult,
@@ -48,6 +50,7 @@ __all__ = [
     "load_wandb_records",
     "log_to_wandb",
     "parse_record",
+    "plot_fid_by_axis",
     "plot_fid_vs_compute",
     "plot_fid_vs_gflops",
     "run_report",

@@ -9,8 +9,9 @@ from typing import Any
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
+from ditlab.cli import error_line, wandb_logged_in
 from ditlab.io import atomic_write, atomic_write_text
-from ditlab.report.figures import plot_fid_vs_compute, plot_fid_vs_gflops
+from ditlab.report.figures import plot_fid_by_axis, plot_fid_vs_compute, plot_fid_vs_gflops
 from ditlab.report.records import RunResult, load_records, load_wandb_records
 from ditlab.report.tables import (
     block_markdown,
@@ -47,6 +48,8 @@ def write_report(records: Sequence[RunResult], out: str | Path) -> dict[str, Pat
         written["blocks.csv"] = _write_text(out / "blocks.csv", to_csv(block_rows(records)))
     if any(r.fid is not None for r in records):
         written["fid_vs_gflops.png"] = _write_png(out / "fid_vs_gflops.png", plot_fid_vs_gflops(records))
+        if (by_axis := plot_fid_by_axis(records)) is not None:
+            written["fid_by_axis.png"] = _write_png(out / "fid_by_axis.png", by_axis)
     else:
         print("[ditlab] no run has an FID yet: fid_vs_gflops.png left out")
     if any(r.fid_history for r in records):
@@ -66,8 +69,30 @@ class ReportConfig:
 
 
 def run_report(args: DictConfig) -> dict[str, Path]:
-    """The body of `src/report.py`: `args` are its key=value arguments (see `ReportConfig`)."""
+    """The body of `src/report.py`: `args` are its key=value arguments (see `ReportConfig`). W&B's failures
+    (no API key, no network, an unknown project) are one ValueError line."""
     cfg: ReportConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ReportConfig), args))
+    if cfg.wandb and not wandb_logged_in():  # else wandb fails with a traceback, or after its retries
+        raise ValueError(
+            f"wandb={cfg.wandb}: reading runs from W&B needs an API key; run `wandb login` or set "
+            "WANDB_API_KEY, or report from the run folders with runs=<sweep folder>"
+        )
+    if not (cfg.wandb or cfg.log_wandb):
+        return _report(cfg)
+    import wandb.errors  # slow: only when W&B is used
+
+    try:
+        return _report(cfg)
+    except wandb.errors.Error as err:
+        key = f"wandb={cfg.wandb}" if cfg.wandb else "log_wandb=true"
+        raise ValueError(
+            f"{key}: W&B failed ({error_line(err)}); check the network, the API key (`wandb login`) and "
+            "the entity/project, or report from the run folders with runs=<sweep folder>"
+        ) from None
+
+
+def _report(cfg: ReportConfig) -> dict[str, Path]:
+    """`run_report` without its W&B error handling."""
     if (cfg.runs is None) == (cfg.wandb is None):
         raise ValueError(
             "give either runs=<sweep folder> (e.g. runs=multirun/2026-01-31_12-00-00) or "

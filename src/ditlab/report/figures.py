@@ -5,6 +5,7 @@ minimum to maximum when there are several.
 """
 
 import math
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -102,12 +103,16 @@ def plot_fid_vs_gflops(records: Sequence[RunResult]) -> Figure:
     style = _styler(scored)
     fig, ax = new_figure()
     lines: dict[tuple, list[PointResult]] = {}
-    for p in sorted(scored, key=paper_order):
-        lines.setdefault((p.block, p.model, p.variant), []).append(p)
+    for p in sorted(scored, key=paper_order):  # a line joins patch sizes only: its other axes are equal
+        lines.setdefault((p.block, p.model, p.axes, p.variant), []).append(p)
+    labelled: set[str] = set()
     for line in lines.values():
         line.sort(key=lambda p: p.gflops)
         colour, marker = style(line[0])
         label = line[0].model + _block_suffix(line[0], scored) + variant_suffix(line[0].variant)
+        if label in labelled:  # points off the paper's axes: one legend entry (fid_by_axis.png names them)
+            label = "_nolegend_"
+        labelled.add(label)
         x = [p.gflops for p in line]
         ax.plot(x, [p.fid.mean for p in line], color=colour, marker=marker, label=label)
         _error_bars(ax, x, [p.fid for p in line], colour)
@@ -119,6 +124,39 @@ def plot_fid_vs_gflops(records: Sequence[RunResult]) -> Figure:
     ax.set_title("FID vs. Gflops" + _seed_note(scored))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    return fig
+
+
+def plot_fid_by_axis(records: Sequence[RunResult]) -> Figure | None:
+    """FID per point where points of one size and patch differ in axes that leave Gflops unchanged (the
+    successors' objective, layers, REPA, ...): one marker per point at its seeds' mean, bars over their
+    range, labelled by its axes; such a sweep is drawn by its axis, not as a line along Gflops. None when
+    no two points of one (block, size, patch) differ in their axes."""
+    scored = [p for p in group_points(records) if p.fid is not None]
+    by_shape: dict[tuple, list[PointResult]] = {}
+    for p in sorted(scored, key=paper_order):
+        by_shape.setdefault((p.block, p.model, p.patch), []).append(p)
+    shown = [p for group in by_shape.values() if len({q.axes for q in group}) > 1 for p in group]
+    if not shown:
+        return None
+    fig = Figure(figsize=(FIGSIZE[0] * 1.4, 1.2 + 0.55 * len(shown)), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    y = list(range(len(shown)))  # one row per point, its axes as the row's label
+    fids = [p.fid for p in shown]
+    ax.errorbar(
+        [f.mean for f in fids],
+        y,
+        xerr=[[f.mean - f.low for f in fids], [f.high - f.mean for f in fids]],
+        fmt="o",
+        color=COLOURS[1],
+        capsize=3,
+    )
+    ax.set_yticks(y, [textwrap.fill(p.label, 48) for p in shown], fontsize="small")
+    ax.invert_yaxis()  # paper order from the top
+    ax.set_xlabel(_fid_label(records))
+    ax.set_title("FID by the axes that leave Gflops unchanged" + _seed_note(shown), fontsize="medium")
+    ax.grid(True, axis="x", alpha=0.3)
     return fig
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ditlab.design import DEFAULT_AXES
+from ditlab.design import default_axes
 from ditlab.models import BLOCKS, DIT_SIZES
 from ditlab.sweep import read_outcome
 
@@ -69,7 +69,9 @@ class RunResult:
     wandb: dict[str, Any] | None
     fid_history: tuple[dict[str, Any], ...]
     source: str  # the results.json path, or the W&B run path
-    axes: tuple[tuple[str, Any], ...] = ()  # the successors' coordinates where they differ from DEFAULT_AXES
+    axes: tuple[
+        tuple[str, Any], ...
+    ] = ()  # the coordinates beyond (block, model, patch) off their paper values
     settings: tuple[tuple[str, Any], ...] = ()  # the SETTINGS it records (model_config's keys flattened)
     precision: str | None = None  # as trained ("bf16-mixed", "32-true"); None in records from before it
     device: str | None = None  # the GPU's or CPU's name; None in records from before it
@@ -199,10 +201,12 @@ def parse_record(data: dict[str, Any], source: str) -> RunResult:
         # Records written before the FID's sampler became a coordinate name it in `fid_sampler`
         # ("euler 50 steps, cfg 1.0").
         coordinates = {**coordinates, "sampler": fid_sampler.split()[0]}
+    # The axes' paper values as the run knew them (a user's axes included), else this process's.
+    defaults = data.get("axis_defaults") or default_axes()
     axes = tuple(
         (key, coordinates[key])
-        for key in DEFAULT_AXES
-        if key in coordinates and coordinates[key] != DEFAULT_AXES[key]
+        for key in defaults
+        if key in coordinates and coordinates[key] != defaults[key]
     )
     return RunResult(
         run_name=str(data["run_name"]),

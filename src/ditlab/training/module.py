@@ -11,13 +11,13 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
-from ditlab.design import DEFAULT_AXES
-from ditlab.diffusion.sampling import Objective, get_sampler, image_generators, sample, seeded_generator
+from ditlab.design import default_axes
+from ditlab.diffusion.sampling import Objective, SamplingSpec, image_generators, sample, seeded_generator
+from ditlab.io import checkpoint_header
 from ditlab.metrics import count_params, forward_flops
 from ditlab.models import DiT, complete_config
 from ditlab.training.schedules import linear_warmup
 
-CHECKPOINT_VERSION = 1
 # The coordinates (`ditlab.training.run.coordinates`) a resumed run may change: the FID's sampler scores the
 # model, it is no part of the model or its training. Every other coordinate must be the checkpoint's.
 RESUME_MAY_CHANGE = ("sampler",)
@@ -220,21 +220,16 @@ class DiTModule(L.LightningModule):
     @torch.no_grad()
     def sample(
         self,
-        labels: torch.Tensor | None = None,
+        labels: torch.Tensor | None,
+        spec: SamplingSpec,
         *,
         indices: Sequence[int] | None = None,
-        seed: int = 0,
-        cfg_scale: float = 1.0,
-        sampler: str = "ddim",
-        sampler_options: dict[str, Any] | None = None,
-        steps: int = 50,
-        guidance_channels: int | None = None,
-        cfg_interval: tuple[float, float] | None = None,
         use_ema: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images (N, C, H, W) in [-1, 1] and their labels (N,), from the EMA weights by default.
+        """Images (N, C, H, W) in [-1, 1] and their labels (N,), from the EMA weights by default, as `spec`
+        says (in the trainer's precision: callers run it in its forward context).
 
-        Image k is image `indices[k]` (default k) of the job `seed`: drawn from its own generator (see
+        Image k is image `indices[k]` (default k) of the job `spec.seed`: drawn from its own generator (see
         `ditlab.diffusion.sampling`), with its label from `labels` (N,) or drawn uniformly.
         """
         net = (self.ema if use_ema else self.model).eval()
@@ -244,25 +239,17 @@ class DiTModule(L.LightningModule):
         z, labels = sample(
             net,
             self.diffusion,
-            image_generators(seed, indices, self.device),
+            image_generators(spec.seed, indices, self.device),
             shape,
-            sampler=get_sampler(sampler, **(sampler_options or {})),
-            steps=steps,
+            spec,
             labels=labels,
             num_classes=net.num_classes,
-            cfg_scale=cfg_scale,
-            guidance_channels=guidance_channels,
-            cfg_interval=cfg_interval,
         )
         return self.autoencoder.to(self.device).decode(z).clamp(-1, 1), labels
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["ditlab"] = {
-            "version": CHECKPOINT_VERSION,
-            "model_config": dict(self.model.config),
-            **self.info,
-        }
+        checkpoint["ditlab"] = checkpoint_header(self.model.config, **self.info)
         checkpoint["rng"] = {
             "python": random.getstate(),
             "torch": torch.get_rng_state(),
@@ -284,7 +271,7 @@ class DiTModule(L.LightningModule):
         ours: dict[str, Any] = {}
         if "coordinates" in header and "coordinates" in self.info:
             # A checkpoint saved before an axis existed was trained at the paper's value of it.
-            saved |= DEFAULT_AXES | header["coordinates"]
+            saved |= default_axes() | header["coordinates"]
             ours |= self.info["coordinates"]
         if header.get("model_config") is not None:  # shares some names (block, norm, ...) and their values
             saved |= complete_config(header["model_config"])

@@ -90,7 +90,7 @@ class REPA(nn.Module):
         self.encoder.to(*args, **kwargs)
         return self
 
-    def check_fits(self, channels: int, image_size: int, grid: int) -> None:
+    def check_encodes(self, channels: int, image_size: int, grid: int) -> None:
         """ValueError in one line, before training, unless the encoder takes this data's images
         (`channels` × `image_size`²) at the DiT's `grid` × `grid` tokens: one forward of one blank image."""
         try:

@@ -15,12 +15,13 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from ditlab.cli import import_registering_modules, wandb_logged_in
-from ditlab.design import coordinates
-from ditlab.diffusion.sampling import check_fits, get_sampler
+from ditlab.cli import resolve_device, wandb_logged_in
+from ditlab.design import coordinates, import_registering_modules
+from ditlab.diffusion.sampling import SamplingSpec, check_fits, get_sampler
 from ditlab.training.callbacks import Checkpointing, RunRecord, SampleGrid
 from ditlab.training.checkpoint_io import AtomicCheckpointIO
 from ditlab.training.module import DiTModule
+from ditlab.training.quiet import silence_library_messages
 
 
 class ConfigError(ValueError):
@@ -109,7 +110,7 @@ def resolve_devices(cfg: DictConfig) -> None:
             "trainer=cpu (or trainer.accelerator=cpu), or check CUDA_VISIBLE_DEVICES and the driver"
         )
     with open_dict(trainer):
-        on_gpu = wants_gpu or (trainer.accelerator == "auto" and torch.cuda.is_available())
+        on_gpu = wants_gpu or (trainer.accelerator == "auto" and resolve_device("auto").type == "cuda")
         if trainer.accelerator == "auto":
             trainer.accelerator = "gpu" if on_gpu else "cpu"
         if trainer.precision == "auto":
@@ -175,7 +176,7 @@ def build_module(cfg: DictConfig, datamodule: Any, autoencoder: Any) -> DiTModul
                 "images (data=image_folder with autoencoder=sd_vae encodes them in the loop) or use repa=none"
             )
         repa = instantiate(cfg.repa, hidden_size=model.config["hidden_size"], model_depth=len(model.blocks))
-        repa.check_fits(datamodule.channels, datamodule.image_size, input_size // cfg.patch)
+        repa.check_encodes(datamodule.channels, datamodule.image_size, input_size // cfg.patch)
     info = {
         "coordinates": coordinates(cfg),
         "diffusion": OmegaConf.to_container(cfg.diffusion, resolve=True),
@@ -213,14 +214,15 @@ def build_module(cfg: DictConfig, datamodule: Any, autoencoder: Any) -> DiTModul
 def check_callbacks_fit(callbacks: dict[str, Any], objective: Any) -> None:
     """Before the first step: each sampling callback's sampler solves the run's objective (else a run would
     fail at its first grid or FID)."""
-    for key, callback in callbacks.items():
-        if isinstance(getattr(callback, "sampler", None), str):
-            solver = get_sampler(callback.sampler, **getattr(callback, "sampler_options", {}))
-            check_fits(solver, objective, key=f"callbacks.{key}.sampler")
+    for callback in callbacks.values():
+        spec = getattr(callback, "sampling", None)
+        if isinstance(spec, SamplingSpec):
+            spec.resolve(objective)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Trains one point of the design space; returns where its outputs are."""
+    silence_library_messages()
     check_values(cfg)
     import_registering_modules(cfg)
     resolve_devices(cfg)
@@ -267,7 +269,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             )
             result["preempted_checkpoint"] = str(saved)
         if trainer.is_global_zero:
-            result.update(report(callbacks, loggers, output_dir))
+            result.update(print_outputs(callbacks, loggers, output_dir))
     finally:
         for logger in loggers:
             if isinstance(logger, WandbLogger):
@@ -282,8 +284,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-def report(callbacks: list[Any], loggers: list[Any], output_dir: Path) -> dict[str, Any]:
-    """Prints where the run's outputs are."""
+def print_outputs(callbacks: list[Any], loggers: list[Any], output_dir: Path) -> dict[str, Any]:
+    """Prints where the run's outputs are; returns them by name."""
     found: dict[str, Any] = {"results": str(output_dir / "results.json")}
     saved = next((c.saved for c in callbacks if isinstance(c, Checkpointing)), None)
     if saved is not None and saved.exists():

@@ -11,8 +11,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from torch.utils.data import DataLoader, Subset
 
-from ditlab.diffusion.guidance import check_cfg_interval
-from ditlab.diffusion.sampling import SAMPLERS, get_sampler
+from ditlab.diffusion.sampling import SamplingSpec
 from ditlab.io import atomic_write
 from ditlab.training.callbacks.run_record import images_seen, update_run_record
 
@@ -77,31 +76,21 @@ class FIDMonitor(L.Callback):
         inception: str | None = None,
         save_samples: bool = False,
     ):
-        for key, value, low in (
-            ("num_samples", num_samples, 2),
-            ("batch_size", batch_size, 1),
-            ("steps", steps, 1),
-        ):
+        for key, value, low in (("num_samples", num_samples, 2), ("batch_size", batch_size, 1)):
             if value < low:
                 raise ValueError(f"callbacks.fid.{key}={value} must be ≥ {low}")
         if every_n_steps < 0:
             raise ValueError(f"callbacks.fid.every_n_steps={every_n_steps} must be ≥ 0 (0: only at the end)")
-        if cfg_scale < 0:
-            raise ValueError(f"callbacks.fid.cfg_scale={cfg_scale} must be ≥ 0 (1: no guidance)")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"callbacks.fid.sampler={sampler!r}; valid: {', '.join(SAMPLERS)}")
-        # Built once here so that a bad option fails before training, with the sampler named.
-        get_sampler(sampler, **(sampler_options or {}))
-        self.sampler_options = dict(sampler_options or {})
-        self.cfg_interval = check_cfg_interval(cfg_interval, key="callbacks.fid.cfg_interval")
+        # Validated here, before training, naming the keys as the config spells them.
+        self.sampling = SamplingSpec(
+            sampler, sampler_options, steps, cfg_scale, cfg_interval, seed=seed, key="callbacks.fid."
+        )
         self.output_dir = Path(output_dir)
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.reference = reference
         self.num_reference_images = num_reference_images
-        self.sampler, self.steps, self.cfg_scale = sampler, steps, cfg_scale
         self.batch_size = batch_size
-        self.seed = seed
         self.cache_dir = cache_dir
         self.inception = inception
         self.save_samples = save_samples
@@ -179,15 +168,7 @@ class FIDMonitor(L.Callback):
                 return None
             n = min(self.batch_size, end - start)
             with trainer.precision_plugin.forward_context():  # labels uniform, drawn per image
-                images, labels = pl_module.sample(
-                    indices=range(start, start + n),
-                    seed=self.seed,
-                    cfg_scale=self.cfg_scale,
-                    cfg_interval=self.cfg_interval,
-                    sampler=self.sampler,
-                    sampler_options=self.sampler_options,
-                    steps=self.steps,
-                )
+                images, labels = pl_module.sample(None, self.sampling, indices=range(start, start + n))
             features[start - begin : start - begin + n] = net((images.float() + 1) / 2)
             if self.save_samples:
                 kept.append((labels.cpu(), images.float().cpu()))
@@ -252,6 +233,7 @@ class FIDMonitor(L.Callback):
                     }
                 )
         self.last_result = {"fid": fid, "num_samples": self.num_samples, "reference": reference.source}
+        spec = self.sampling
         update_run_record(
             self.output_dir,
             fid=fid,
@@ -259,11 +241,11 @@ class FIDMonitor(L.Callback):
             fid_reference=reference.source,
             fid_reference_images=reference.num_images,
             feature_network=self._net.identity,
-            fid_sampler=f"{self.sampler} {self.steps} steps, cfg {self.cfg_scale}",
+            fid_sampler=f"{spec.sampler} {spec.steps} steps, cfg {spec.cfg_scale}",
             fid_history=self.history,
             fid_seconds=point["seconds"],
         )
         print(
-            f"[ditlab] step {trainer.global_step}: FID {fid:.2f} ({self.num_samples} EMA samples, {self.sampler} "
-            f"{self.steps} steps, cfg {self.cfg_scale}; vs {reference.source})"
+            f"[ditlab] step {trainer.global_step}: FID {fid:.2f} ({self.num_samples} EMA samples, {spec.sampler} "
+            f"{spec.steps} steps, cfg {spec.cfg_scale}; vs {reference.source})"
         )

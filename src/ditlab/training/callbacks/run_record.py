@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 
-from ditlab.design import point_name
+from ditlab.design import default_axes, point_name
 from ditlab.io import atomic_write_text
 from ditlab.provenance import device_name, git_state, versions
 
@@ -64,6 +64,7 @@ class RunRecord(L.Callback):
             self.output_dir,
             run_name=run_name,
             coordinates=coordinates,
+            axis_defaults=default_axes(),  # the paper's values, a user's axes included, for the report
             seed=pl_module.seed,
             **summary,
             data=pl_module.info.get("data", {}).get("name"),

@@ -9,11 +9,10 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from ditlab.diffusion.guidance import check_cfg_interval
-from ditlab.diffusion.sampling import SAMPLERS, get_sampler
+from ditlab.diffusion.sampling import SamplingSpec
 from ditlab.grids import grid_title, save_grid
 from ditlab.interop.formats import config_coordinates
-from ditlab.interop.sampling import to_uint8_rgb
+from ditlab.interop.generation import to_uint8_rgb
 
 
 class SampleGrid(L.Callback):
@@ -35,29 +34,17 @@ class SampleGrid(L.Callback):
         steps: int = 50,
         seed: int = 0,
     ):
-        for key, value, low in (
-            ("per_class", per_class, 1),
-            ("max_classes", max_classes, 1),
-            ("steps", steps, 1),
-        ):
-            if value < low:
-                raise ValueError(f"callbacks.sample_grid.{key}={value} must be ≥ {low}")
-        if cfg_scale < 0:
-            raise ValueError(f"callbacks.sample_grid.cfg_scale={cfg_scale} must be ≥ 0 (1: no guidance)")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"callbacks.sample_grid.sampler={sampler!r}; valid: {', '.join(SAMPLERS)}")
-        # Built once here so that a bad option fails before training, with the sampler named.
-        get_sampler(sampler, **(sampler_options or {}))
-        self.sampler_options = dict(sampler_options or {})
-        self.cfg_interval = check_cfg_interval(cfg_interval, key="callbacks.sample_grid.cfg_interval")
+        for key, value in (("per_class", per_class), ("max_classes", max_classes)):
+            if value < 1:
+                raise ValueError(f"callbacks.sample_grid.{key}={value} must be ≥ 1")
+        # Validated here, before training, naming the keys as the config spells them.
+        self.sampling = SamplingSpec(
+            sampler, sampler_options, steps, cfg_scale, cfg_interval, seed=seed, key="callbacks.sample_grid."
+        )
         self.output_dir = Path(output_dir) / "samples"
         self.every_n_steps = every_n_steps
         self.per_class = per_class
         self.max_classes = max_classes
-        self.cfg_scale = cfg_scale
-        self.sampler = sampler
-        self.steps = steps
-        self.seed = seed
         self.last_path: Path | None = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
@@ -77,23 +64,15 @@ class SampleGrid(L.Callback):
         num_classes = min(pl_module.ema.num_classes, self.max_classes)
         labels = torch.arange(num_classes, device=pl_module.device).repeat_interleave(self.per_class)
         with trainer.precision_plugin.forward_context():
-            images, _ = pl_module.sample(
-                labels,
-                seed=self.seed,
-                cfg_scale=self.cfg_scale,
-                cfg_interval=self.cfg_interval,
-                sampler=self.sampler,
-                sampler_options=self.sampler_options,
-                steps=self.steps,
-            )
+            images, _ = pl_module.sample(labels, self.sampling)
         info = pl_module.info
         title = grid_title(
             info.get("coordinates") or config_coordinates(pl_module.model.config),
             step=trainer.global_step,
             weights="EMA",
-            sampler=self.sampler,
-            steps=self.steps,
-            cfg_scale=self.cfg_scale,
+            sampler=self.sampling.sampler,
+            steps=self.sampling.steps,
+            cfg_scale=self.sampling.cfg_scale,
         )
         self.last_path = self.output_dir / name
         grid = save_grid(

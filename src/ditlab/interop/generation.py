@@ -11,30 +11,31 @@ batches; rank 0 waits for all shards and writes `<out>.npz` in the ADM layout (`
 """
 
 import contextlib
-import inspect
 import json
 import os
 import shutil
 import time
 import zipfile
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from ditlab.autoencoders import Autoencoder, IdentityAutoencoder
+from ditlab.cli import resolve_device
+from ditlab.design import import_registering_modules
 from ditlab.diffusion import build_objective
-from ditlab.diffusion.guidance import check_cfg_interval
-from ditlab.diffusion.sampling import check_fits, get_sampler, image_generators, sample
+from ditlab.diffusion.sampling import SamplingSpec, image_generators, sample
 from ditlab.grids import grid_title, save_grid
-from ditlab.interop.formats import LoadedDiT, config_coordinates
-from ditlab.io import atomic_path, atomic_write, atomic_write_text
-
-PRECISIONS = ("fp32", "tf32", "bf16")
+from ditlab.interop.checkpoints import load_dit
+from ditlab.interop.formats import LoadedDiT, config_coordinates, describe, resolve_checkpoint
+from ditlab.io import atomic_path, atomic_write, atomic_write_text, content_sha256
 
 
 def to_uint8_rgb(images: Tensor) -> Tensor:
@@ -97,73 +98,47 @@ def output_paths(out: str | os.PathLike) -> dict[str, Path]:
 class ImageSampler:
     """Images of a loaded DiT by global index: `sampler(indices, labels)` -> ((N, H, W, 3) uint8, labels (N,)).
 
-    Image i comes from its own generator (`image_generators`), so it does not depend on which other images
-    share its batch. `guidance_channels`: how many ε channels classifier-free guidance acts on (None: all).
-    `precision`: fp32, tf32 (TF32 matrix products) or bf16 (autocast of the model). Latents are decoded by
-    `autoencoder` (default: the checkpoint's); in pixel space x0 is clipped to [-1, 1] at every step (ADM).
+    Image i comes from its own generator (`image_generators`, seeded by `spec.seed`), so it does not depend
+    on which other images share its batch. `spec.precision`: fp32, tf32 (TF32 matrix products) or bf16
+    (autocast of the model). Latents are decoded by `autoencoder` (default: the checkpoint's); in pixel
+    space x0 is clipped to [-1, 1] at every step (ADM).
     """
 
     def __init__(
         self,
         loaded: LoadedDiT,
+        spec: SamplingSpec,
         *,
-        cfg_scale: float = 1.0,
-        guidance_channels: int | None = None,
-        cfg_interval: tuple[float, float] | None = None,
-        sampler: str = "ddpm",
-        steps: int = 250,
-        sampler_options: dict[str, Any] | None = None,
-        seed: int = 0,
-        precision: str = "fp32",
         device: str | torch.device = "cpu",
         autoencoder: Autoencoder | None = None,
     ):
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
         objective = build_objective(loaded.diffusion)
-        if sampler == "auto":  # the objective's: ddpm for the paper's diffusion, euler for SiT's interpolant
-            sampler = objective.default_sampler
-        self.sampler = sampler
-        self.solver = get_sampler(sampler, **(sampler_options or {}))
-        if steps < 1 or cfg_scale < 0:
-            raise ValueError(f"need steps ≥ 1 and cfg_scale ≥ 0; got steps={steps}, cfg_scale={cfg_scale}")
         model = loaded.model
-        if guidance_channels is not None and not 1 <= guidance_channels <= model.in_channels:
-            raise ValueError(
-                f"guidance_channels={guidance_channels} must be in [1, {model.in_channels}] (or None: all)"
-            )
+        self.spec = spec.resolve(objective, in_channels=model.in_channels)  # "auto": the objective's sampler
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.autoencoder = (autoencoder or loaded.build_autoencoder()).to(self.device).eval()
         self.diffusion = objective.to(self.device)
-        check_fits(self.solver, self.diffusion)
-        self.steps, self.cfg_scale, self.guidance_channels = steps, cfg_scale, guidance_channels
-        self.cfg_interval = check_cfg_interval(cfg_interval)
-        self.seed, self.precision = seed, precision
         self.channels = loaded.data.get("channels")
         self.shape = (model.in_channels, model.input_size, model.input_size)
         self.pixel_space = isinstance(self.autoencoder, IdentityAutoencoder)
 
     def _net(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.spec.precision == "bf16"):
             return self.model(x, t, y).float()
 
     @torch.no_grad()
     def __call__(self, indices: Sequence[int], labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Images of `indices` with `labels` (N,), or labels drawn uniformly from each image's generator."""
-        with _matmul_precision(self.precision):
+        with _matmul_precision(self.spec.precision):
             z, labels = sample(
                 self._net,
                 self.diffusion,
-                image_generators(self.seed, indices, self.device),
+                image_generators(self.spec.seed, indices, self.device),
                 self.shape,
-                sampler=self.solver,
-                steps=self.steps,
+                self.spec,
                 labels=None if labels is None else labels.to(self.device),
                 num_classes=self.model.num_classes,
-                cfg_scale=self.cfg_scale,
-                guidance_channels=self.guidance_channels,
-                cfg_interval=self.cfg_interval,
                 clip_denoised=self.pixel_space,
             )
             return to_uint8_rgb(self.autoencoder.decode(z, channels=self.channels)), labels
@@ -213,9 +188,9 @@ def _write_grid(
         config_coordinates(loaded.model.config) | (loaded.coordinates or {}),
         step=loaded.step,
         weights="EMA" if loaded.weights == "ema" else "raw",
-        sampler=sampler.sampler,
-        steps=sampler.steps,
-        cfg_scale=sampler.cfg_scale,
+        sampler=sampler.spec.sampler,
+        steps=sampler.spec.steps,
+        cfg_scale=sampler.spec.cfg_scale,
     )
     save_grid(
         path,
@@ -230,6 +205,7 @@ def _write_grid(
 def generate(
     loaded: LoadedDiT,
     out: str | os.PathLike,
+    spec: SamplingSpec,
     *,
     labels: Sequence[int] | None = None,
     num_samples: int | None = None,
@@ -244,12 +220,12 @@ def generate(
     progress: bool = True,
     job: dict[str, Any] | None = None,
     checkpoint_sha256: str | None = None,
-    **sampling: Any,
+    device: str | torch.device = "cpu",
+    autoencoder: Autoencoder | None = None,
 ) -> dict[str, Path]:
     """Sample `labels` (one image each) or `num_samples` images with uniform labels; see the module docstring.
 
-    `sampling`: the arguments of `ImageSampler` (cfg_scale, guidance_channels, cfg_interval, sampler, sampler_options, steps, seed,
-    precision, device, autoencoder). The PNG grid shows the first `png_images` images (None: all) in rows
+    `spec`, `device`, `autoencoder`: those of `ImageSampler`. The PNG grid shows the first `png_images` images (None: all) in rows
     of `png_nrow`. `job` is extra identifying data (e.g. the checkpoint path) recorded in `<out>.json`
     and checked on resumption; a finished job with the same arguments is not run again.
     `checkpoint_sha256` (`ditlab.io.content_sha256` of the checkpoint, taken before loading it) is
@@ -279,11 +255,6 @@ def generate(
         raise ValueError(
             f"num_samples={num_samples} is out of range: it must be ≥ 1 (images with uniformly drawn labels)"
         )
-    arguments = inspect.signature(ImageSampler).bind(loaded, **sampling)
-    arguments.apply_defaults()
-    settings = dict(arguments.arguments)
-    del settings["loaded"]
-    autoencoder = settings.pop("autoencoder")
     manifest = {
         **(job or {}),
         "checkpoint_sha256": checkpoint_sha256,
@@ -292,8 +263,8 @@ def generate(
         "labels": labels,
         "num_samples": num_samples,
         "batch_size": batch_size,
-        **settings,
-        "device": torch.device(settings["device"]).type,  # the kind of device changes the numbers
+        **spec.as_record(),
+        "device": torch.device(device).type,  # the kind of device changes the numbers
         "autoencoder": autoencoder.config if autoencoder is not None else loaded.autoencoder,
     }
     manifest = json.loads(json.dumps(manifest))  # as it reads back from <out>.json (tuples as lists)
@@ -303,7 +274,7 @@ def generate(
     if finished and all(path.is_file() for path in wanted.values()):  # this very job ran to its end
         return wanted if rank == 0 else {}
 
-    sample = ImageSampler(loaded, **sampling)  # checks the settings before anything is written
+    sample = ImageSampler(loaded, spec, device=device, autoencoder=autoencoder)  # checked before any write
     paths["parts"].mkdir(parents=True, exist_ok=True)
     _check_manifest(paths["parts"], manifest)
     shards = [(a, min(a + batch_size, num_samples)) for a in range(0, num_samples, batch_size)]
@@ -340,3 +311,79 @@ def generate(
     if not keep_parts:
         shutil.rmtree(paths["parts"])
     return wanted
+
+
+def _guidance_channels(value: int | str, recommended: int | None) -> int | None:
+    """`auto` -> the checkpoint's recommendation, `all` -> None, else the number."""
+    if value == "auto":
+        return recommended
+    if value == "all":
+        return None
+    if isinstance(value, int):
+        return value
+    raise ValueError(f"guidance_channels must be auto, all or an integer, got {value!r}")
+
+
+def run_sample(cfg: DictConfig) -> dict[str, Path]:
+    """The body of `src/sample.py`: `cfg` is conf/sample.yaml with the command line's overrides."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = resolve_device(cfg.device)  # auto: cuda:LOCAL_RANK, never the global rank
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    if cfg.classes is not None and not (OmegaConf.is_list(cfg.classes) and len(cfg.classes)):
+        raise ValueError(
+            f"classes={cfg.classes} is {'empty' if OmegaConf.is_list(cfg.classes) else 'not a list'}: give the "
+            f"classes to sample, e.g. classes=[0,1,2] (per_class={cfg.per_class} images of each), or "
+            f"classes=null for num_samples={cfg.num_samples} images with uniformly drawn labels"
+        )
+    if cfg.classes is not None and cfg.per_class < 1:
+        raise ValueError(f"per_class={cfg.per_class} is out of range: it must be ≥ 1 (images of each class)")
+    import_registering_modules(cfg)
+    spec = SamplingSpec(  # validated before the checkpoint is read; guidance channels once it is loaded
+        cfg.sampler.name,
+        OmegaConf.to_container(cfg.sampler.options) if cfg.sampler.get("options") else {},
+        cfg.steps,
+        cfg.cfg_scale,
+        None if cfg.cfg_interval is None else list(cfg.cfg_interval),
+        seed=cfg.seed,
+        precision=cfg.precision,
+    )
+    # The whole file's sha256 (about a second per GB, next to hours of sampling), before it is loaded: a
+    # resumed job must not add shards of newer weights to old ones. Size and mtime would miss a copy that
+    # keeps them; a hash of parts of the file would miss weights outside those parts.
+    checkpoint_sha256 = content_sha256(resolve_checkpoint(cfg.ckpt, cfg.cache_dir))
+    loaded = load_dit(cfg.ckpt, use_ema=cfg.use_ema, cache_dir=cfg.cache_dir)
+    if cfg.vae:
+        loaded.autoencoder = {**loaded.autoencoder, "pretrained": cfg.vae}
+    guided = _guidance_channels(cfg.guidance_channels, loaded.guidance_channels)
+    labels = [c for c in cfg.classes for _ in range(cfg.per_class)] if cfg.classes is not None else None
+    name = f"{Path(cfg.ckpt).stem}-{loaded.weights}-{cfg.sampler.name}{cfg.steps}-cfg{cfg.cfg_scale}"
+    name += f"-seed{cfg.seed}-" + ("classes" if labels else str(cfg.num_samples))
+    if rank == 0:
+        print(
+            f"{describe(loaded.model.config)} from {cfg.ckpt} ({loaded.source_format}, {loaded.weights} weights); "
+            f"guidance on {'all' if guided is None else guided} channels; {world_size} rank(s), {device}"
+        )
+    written = generate(
+        loaded,
+        cfg.out or Path("samples") / name,
+        replace(spec, guidance_channels=guided),
+        labels=labels,
+        num_samples=cfg.num_samples,
+        batch_size=cfg.batch_size,
+        device=device,
+        rank=rank,
+        world_size=world_size,
+        npz=cfg.npz,
+        png=cfg.png,
+        png_images=None if labels else 64,
+        png_nrow=cfg.per_class if labels else 8,
+        keep_parts=cfg.keep_parts,
+        progress=cfg.progress,
+        job={"ckpt": str(cfg.ckpt), "use_ema": cfg.use_ema},
+        checkpoint_sha256=checkpoint_sha256,
+    )
+    for kind, path in written.items():
+        print(f"{kind}: {path}")
+    return written
