@@ -315,25 +315,35 @@ class OursTrain(Work):
 def check_compiled_loss(
     module: DiTModule, eager: torch.nn.Module, compiled: torch.nn.Module, batch: tuple, mode: Mode
 ) -> None:
-    """The training loss of the compiled DiT against the eager one on the same batch, times and noise, in
-    the mode's precision (printed): a compiled graph that computes something else is an error here, before
-    its steps are timed, rather than a run of skipped non-finite steps inside the timed blocks."""
+    """The compiled DiT against the eager one on the same batch, times and noise, in the mode's precision
+    (printed): the training loss and the norm of its gradient (a fresh DiT's zero-initialised final layer
+    outputs zeros whatever the trunk computes; the gradient reaches every block). A compiled graph that
+    computes something else is an error here, before its steps are timed, rather than a run of skipped
+    non-finite steps inside the timed blocks."""
     x, y = batch
     generator = torch.Generator(x.device).manual_seed(0)
     t = module.diffusion.sample_t(x.shape[0], generator, x.device)
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    losses = []
+    figures = []
     for model in (eager, compiled):
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=mode.bf16):
-            out = module.diffusion.training_losses(model, x, t=t, noise=noise, model_kwargs={"y": y})
-        losses.append(float(out["loss"].mean()))
-    tolerance = 5e-2 if mode.bf16 else 1e-4  # relative: bf16 keeps 8 bits of mantissa; fp32 differs by order
-    print(f"[bench] {mode.name}: loss of one batch, eager {losses[0]:.6g}, compiled {losses[1]:.6g}")
-    if not math.isfinite(losses[1]) or abs(losses[1] - losses[0]) > tolerance * abs(losses[0]):
-        raise RuntimeError(
-            f"{mode.name}: the compiled DiT's loss {losses[1]:.6g} is not the eager one's {losses[0]:.6g} "
-            f"(tolerance {tolerance:g} relative): torch.compile computes something else on this machine"
+            loss = module.diffusion.training_losses(model, x, t=t, noise=noise, model_kwargs={"y": y})["loss"]
+        grads = torch.autograd.grad(loss.mean(), [p for p in eager.parameters() if p.requires_grad])
+        figures.append(
+            (float(loss.mean()), float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
         )
+    (loss_e, grad_e), (loss_c, grad_c) = figures
+    tolerance = 5e-2 if mode.bf16 else 1e-4  # relative: bf16 keeps 8 bits of mantissa; fp32 differs by order
+    print(
+        f"[bench] {mode.name}: one batch, eager loss {loss_e:.6g} gradient norm {grad_e:.6g}; "
+        f"compiled {loss_c:.6g}, {grad_c:.6g}"
+    )
+    for what, e, c in (("loss", loss_e, loss_c), ("gradient norm", grad_e, grad_c)):
+        if not math.isfinite(c) or abs(c - e) > tolerance * abs(e):
+            raise RuntimeError(
+                f"{mode.name}: the compiled DiT's {what} {c:.6g} is not the eager one's {e:.6g} (tolerance "
+                f"{tolerance:g} relative): torch.compile computes something else on this machine"
+            )
 
 
 class ReferenceTrain(Work):
