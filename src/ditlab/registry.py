@@ -2,7 +2,8 @@
 embeddings, interpolant paths, samplers), which a config names and a user's module can extend."""
 
 import importlib
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar, overload
 
 T = TypeVar("T")
@@ -52,3 +53,14 @@ def locate(target: str) -> Any:
         raise ValueError(
             f"{target} cannot be imported ({error}); put its package on the Python path"
         ) from None
+
+
+def unknown_options(target: Callable[..., Any], names: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(the `names` that `target` takes no keyword argument for, the names it takes): a config key that
+    no constructor reads fails in one line naming it, rather than as a TypeError or silently. None is
+    unknown when `target` takes **kwargs."""
+    params = inspect.signature(target).parameters
+    valid = [name for name, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return [], valid
+    return [name for name in names if name not in params], valid

@@ -16,7 +16,6 @@ default `run` walks the respaced process of
 so that a new diffusion sampler defines only those two.
 """
 
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -28,7 +27,7 @@ from torch import Tensor
 from ditlab.diffusion.gaussian_diffusion import GaussianDiffusion
 from ditlab.diffusion.guidance import cfg_model_fn, check_cfg_interval
 from ditlab.diffusion.interpolant import Interpolant
-from ditlab.registry import Registry
+from ditlab.registry import Registry, unknown_options
 
 Objective = GaussianDiffusion | Interpolant
 
@@ -106,13 +105,11 @@ register_sampler = SAMPLERS.register
 def get_sampler(name: str, **options: Any) -> Sampler:
     """The registered sampler `name`, built with `options` (e.g. eta for ddim)."""
     cls = SAMPLERS[name]
-    params = inspect.signature(cls).parameters
-    unknown = [key for key in options if key not in params]
-    if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        valid = ", ".join(params) or "none"
+    unknown, valid = unknown_options(cls, options)
+    if unknown:
         raise ValueError(
             f"sampler.options.{unknown[0]}: {', '.join(unknown)} is not an option of sampler {name} "
-            f"(its options: {valid}); remove it or correct its name"
+            f"(its options: {', '.join(valid) or 'none'}); remove it or correct its name"
         )
     return cls(**options)
 

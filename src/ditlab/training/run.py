@@ -1,6 +1,5 @@
 """Builds and runs one training job from a composed Hydra config (the body of `src/train.py`)."""
 
-import inspect
 import os
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from ditlab.cli import resolve_device, wandb_logged_in
 from ditlab.design import coordinates, import_registering_modules
 from ditlab.diffusion.sampling import SamplingSpec, check_fits, get_sampler
+from ditlab.registry import unknown_options
 from ditlab.training.callbacks import Checkpointing, RunRecord, SampleGrid
 from ditlab.training.checkpoint_io import AtomicCheckpointIO
 from ditlab.training.module import DiTModule
@@ -75,15 +75,10 @@ def check_target_keys(node: Any, key: str) -> None:
     `+diffusion.time_sampling=...` on the paper's DDPM objective, which only the interpolant has."""
     if not node or "_target_" not in node:
         return
-    target = get_object(node._target_)
-    params = inspect.signature(target).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return
-    unknown = [k for k in node if not k.startswith("_") and k not in params]
+    unknown, valid = unknown_options(get_object(node._target_), (k for k in node if not k.startswith("_")))
     if unknown:
-        valid = ", ".join(name for name, p in params.items() if p.kind is not p.VAR_POSITIONAL)
         raise ConfigError(
-            f"{key}.{unknown[0]} is not an option of this {key} ({node._target_}); its options: {valid}"
+            f"{key}.{unknown[0]} is not an option of this {key} ({node._target_}); its options: {', '.join(valid)}"
         )
 
 
@@ -211,10 +206,10 @@ def build_module(cfg: DictConfig, datamodule: Any, autoencoder: Any) -> DiTModul
     return module
 
 
-def check_callbacks_fit(callbacks: dict[str, Any], objective: Any) -> None:
+def check_callbacks_fit(callbacks: list[Any], objective: Any) -> None:
     """Before the first step: each sampling callback's sampler solves the run's objective (else a run would
     fail at its first grid or FID)."""
-    for callback in callbacks.values():
+    for callback in callbacks:
         spec = getattr(callback, "sampling", None)
         if isinstance(spec, SamplingSpec):
             spec.resolve(objective)
@@ -244,12 +239,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     group = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
     tags = [f"{k}={v}" for k, v in coordinates(cfg).items()]
     loggers = build_loggers(cfg, tags, group)
-    named = {key: instantiate(c) for key, c in (cfg.callbacks or {}).items() if c is not None}
-    for callback in named.values():
+    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
+    for callback in callbacks:
         if isinstance(callback, RunRecord):  # the config as run: devices, precision and sampler resolved
             callback.config = OmegaConf.to_container(cfg, resolve=True)
-    check_callbacks_fit(named, module.diffusion)
-    callbacks = list(named.values())
+    check_callbacks_fit(callbacks, module.diffusion)
     # The checkpoint first: its on_train_end writes last.ckpt before the FID, the grids and the run record.
     callbacks.sort(key=lambda c: not isinstance(c, Checkpointing))
     isolate_ddp_children_from_sweep()
