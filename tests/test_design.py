@@ -1,11 +1,15 @@
 """A run's name shows its point: the paper's axes, then each later axis whose value is not the paper's, so
 that no two points of a sweep share a run folder, a W&B run name or a record's run_name."""
 
+import inspect
 import itertools
+from dataclasses import replace
 
 from hydra import compose, initialize_config_dir
 
-from ditlab.design import point_name
+from ditlab.design import DesignPoint, default_axes, point_name
+from ditlab.diffusion import GaussianDiffusion, Interpolant
+from ditlab.models import DIT_SIZES, DiT, build_dit
 from test_train import CONF
 
 
@@ -39,3 +43,38 @@ def test_flags_numbers_and_the_predictions_of_other_objectives():
     # The FID's sampler scores a run; it is no part of its name.
     assert run_name("sampler=ddpm") == "adaln_zero-DiT-Ti-p4"
     assert point_name({"block": "adaln", "model": "DiT-B", "patch": 8}) == "adaln-DiT-B-p8"  # an old record
+
+
+def test_the_default_design_point_is_the_papers():
+    point = DesignPoint()
+    assert (point.block, point.model, point.patch) == ("adaln_zero", "DiT-XL", 2)
+    assert point.coordinates() == {"block": "adaln_zero", "model": "DiT-XL", "patch": 2} | default_axes()
+    assert point.name == "adaln_zero-DiT-XL-p2"
+    diffusion = point.build_objective()  # no options: the paper's diffusion
+    assert isinstance(diffusion, GaussianDiffusion)
+    assert (diffusion.num_timesteps, diffusion.learn_sigma, diffusion.predict) == (1000, True, "epsilon")
+
+
+def test_the_model_and_the_objective_come_from_the_point():
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["diffusion=sit_linear", "pos_embed=rope", "model=DiT-S", "patch=8"])
+    point = DesignPoint.from_config(cfg)
+    assert (point.objective, point.predict, point.pos_embed) == ("sit_linear", "velocity", "rope")
+    assert isinstance(point.build_objective(), Interpolant)
+    model = build_dit(**point.model_arguments(), input_size=16, in_channels=1, num_classes=3)
+    config = model.config
+    assert (config["patch_size"], config["pos_embed"], config["hidden_size"], config["learn_sigma"]) == (
+        8,
+        "rope",
+        DIT_SIZES["DiT-S"].hidden_size,
+        True,
+    )
+    # A different point is a different name, and changing a field changes only that coordinate.
+    other = replace(point, qk_norm=True)
+    assert other.name == point.name + "+qk_norm"
+    assert {k for k, v in other.coordinates().items() if point.coordinates()[k] != v} == {"qk_norm"}
+
+
+def test_every_model_argument_of_the_point_is_the_constructors():
+    taken = inspect.signature(build_dit).parameters.keys() | inspect.signature(DiT).parameters.keys()
+    assert set(DesignPoint().model_arguments()) <= taken

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from omegaconf import DictConfig
 
-from ditlab.design import coordinates
+from ditlab.design import DesignPoint
 from test_report import sweep_jobs
 
 RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "results"
@@ -43,7 +43,7 @@ def ran_with(campaign: str, folder: str, record: dict[str, Any]) -> tuple[str, s
 
 
 def is_run_of(job: DictConfig, record: dict[str, Any], precision: str) -> bool:
-    coords = coordinates(job)
+    coords = DesignPoint.from_config(job).coordinates()
     same_point = all(coords.get(key) == value for key, value in record["coordinates"].items())
     return same_point and job.seed == record["seed"] and job.trainer.precision == precision
 

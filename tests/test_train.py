@@ -15,6 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader
 
+from ditlab.design import DesignPoint
 from ditlab.diffusion import create_diffusion
 from ditlab.models import BLOCKS, build_dit
 from ditlab.training.checkpoint_io import AtomicCheckpointIO
@@ -85,7 +86,10 @@ def test_every_config_group_option_composes(group):
             assert cfg[group] is not None
     assert option_names("block") == sorted(BLOCKS)  # one YAML per registered block
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        assert compose("train", overrides=["patch=2"]).net.patch_size == 2
+        assert (
+            DesignPoint.from_config(compose("train", overrides=["patch=2"])).model_arguments()["patch_size"]
+            == 2
+        )
 
 
 def test_experiment_presets_compose():

@@ -1,10 +1,16 @@
 """The design space's coordinates that every layer shares (training records them, checkpoints carry them,
-the report reads them), kept below all of those layers."""
+the report reads them), kept below all of those layers.
+
+`DesignPoint` is the one typed description of a run's point: a field per axis, at the paper's value by
+default. A composed run config gives it (`DesignPoint.from_config`), and from it, and only from it, come
+the model's and the objective's constructor arguments, the W&B config and tags, the run name (and so the
+run folder), `results.json`'s coordinates, the checkpoint header and the report's axes and labels.
+"""
 
 import importlib
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -29,14 +35,13 @@ def group_axis(group: str, default: str) -> Axis:
     return Axis(default, lambda cfg: (cfg.get(group) or {}).get("name", default))
 
 
-def _objective_option(cfg: DictConfig, key: str) -> Any:
-    """The objective's value of `key`: the config's, else its builder's default; None if it has none."""
+def _objective_option(options: dict[str, Any], key: str) -> Any:
+    """The objective's value of `key`: its config's, else its builder's default; None if it has none."""
     from ditlab.diffusion import PAPER_DIFFUSION, objective_builder  # torch: not on `import ditlab`
 
-    diffusion = cfg.diffusion
-    options = inspect.signature(objective_builder(diffusion.get("_target_", PAPER_DIFFUSION))).parameters
-    default = options[key].default if key in options else None
-    return diffusion.get(key, None if default is inspect.Parameter.empty else default)
+    parameters = inspect.signature(objective_builder(options.get("_target_", PAPER_DIFFUSION))).parameters
+    default = parameters[key].default if key in parameters else None
+    return options.get(key, None if default is inspect.Parameter.empty else default)
 
 
 def _objective(cfg: DictConfig) -> str:
@@ -45,27 +50,102 @@ def _objective(cfg: DictConfig) -> str:
     return objective_name(cfg.diffusion)
 
 
-# The axes beyond (block, size, patch), in the order names and tables show them. A new axis is one
-# `register_axis("name", Axis(...))` (from any module a config group names with `module:`) and its config
-# group: runs then carry it in their coordinates, name, W&B tags, results.json and the report.
+def _diffusion_option(key: str, fallback: Any = None) -> Callable[[DictConfig], Any]:
+    return lambda cfg: _objective_option(_container(cfg.diffusion), key) or fallback
+
+
+def _container(node: Any) -> dict[str, Any]:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+
+
+def _axis(
+    default: Any, read: Callable[[DictConfig], Any], *, in_name: bool = True, argument: str = ""
+) -> Any:
+    """A field of `DesignPoint` that is an axis; `argument`: the model constructor's name for it."""
+    return field(default=default, metadata={"axis": Axis(default, read, in_name), "argument": argument})
+
+
+PAPER_AXES = ("block", "model", "patch")  # always in a run's name; the report's rows
+
+
+@dataclass(frozen=True)
+class DesignPoint:
+    """One point of the design space: the paper's axes (the conditioning block, the size `model`, the
+    patch), the later ones (the objective with its prediction and time sampling, the position embedding,
+    norm, QK-norm, MLP, REPA's λ, the FID's sampler), each at the paper's value by default, and a user's
+    own axes (`register_axis`) in `user_axes`. `objective_options` is the objective's whole config
+    (`_target_` and arguments: conf/diffusion). A new axis of ditlab is one field here and its config
+    group; a user's is one `register_axis` and its group."""
+
+    block: str = _axis("adaln_zero", lambda cfg: cfg.block.name, argument="block")
+    model: str = _axis("DiT-XL", lambda cfg: cfg.model.name, argument="name")
+    patch: int = _axis(2, lambda cfg: cfg.patch, argument="patch_size")
+    objective: str = _axis("ddpm", _objective)
+    predict: str = _axis("epsilon", _diffusion_option("predict"))
+    time_sampling: str = _axis(
+        "uniform", _diffusion_option("time_sampling", "uniform")
+    )  # the paper's: uniform t
+    pos_embed: str = _axis("sincos", group_axis("pos_embed", "sincos").read, argument="pos_embed")
+    norm: str = _axis("layernorm", group_axis("norm", "layernorm").read, argument="norm")
+    qk_norm: bool = _axis(False, lambda cfg: bool(cfg.qk_norm), argument="qk_norm")
+    mlp: str = _axis("gelu", group_axis("mlp", "gelu").read, argument="mlp")
+    repa: float = _axis(0.0, lambda cfg: float(cfg.repa.weight) if cfg.repa else 0.0)  # REPA's λ, 0: none
+    sampler: str = _axis(  # the FID's sampler, else the run's
+        "ddim",
+        lambda cfg: ((cfg.callbacks or {}).get("fid") or {}).get("sampler") or cfg.sampler.name,
+        in_name=False,
+    )
+    objective_options: dict[str, Any] = field(default_factory=dict, compare=False)
+    user_axes: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> "DesignPoint":
+        """The point a composed run config (conf/train.yaml and its groups) describes."""
+        built_in = {f.name: f.metadata["axis"].read(cfg) for f in fields(cls) if "axis" in f.metadata}
+        user = {name: axis.read(cfg) for name, axis in AXES.items() if name not in built_in}
+        return cls(**built_in, objective_options=_container(cfg.diffusion), user_axes=user)
+
+    def coordinates(self) -> dict[str, Any]:
+        """The point as logged to W&B config and tags and kept in results.json and the checkpoint header:
+        the paper's axes, then every later axis (`AXES`' order), a user's last."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if "axis" in f.metadata} | self.user_axes
+
+    @property
+    def name(self) -> str:
+        """The run's name (`point_name`): its folder, its W&B run and its record's `run_name`."""
+        return point_name(self.coordinates())
+
+    def tags(self) -> list[str]:
+        return [f"{key}={value}" for key, value in self.coordinates().items()]
+
+    def model_arguments(self) -> dict[str, Any]:
+        """The DiT constructor's arguments that this point fixes (`ditlab.models.build_dit`): its size, block,
+        patch and layer axes, and the output channels the objective needs (`learn_sigma`)."""
+        arguments = {argument: getattr(self, axis) for axis, argument in self.model_axes().items()}
+        return arguments | {"learn_sigma": bool(_objective_option(self.objective_options, "learn_sigma"))}
+
+    @classmethod
+    def model_axes(cls) -> dict[str, str]:
+        """Each axis that the model's constructor takes, by its field name: its argument's name."""
+        return {f.name: f.metadata["argument"] for f in fields(cls) if f.metadata.get("argument")}
+
+    def build_objective(self) -> Any:
+        """The objective (a `GaussianDiffusion` or `Interpolant`, or a user's) that this point trains."""
+        from ditlab.diffusion import build_objective
+
+        return build_objective(self.objective_options)
+
+
+# The axes beyond (block, size, patch), in the order names and tables show them: `DesignPoint`'s fields,
+# then a user's. A user's axis is one `register_axis("name", Axis(...))` (from any module a config group
+# names with `module:`) and its config group: runs then carry it in their coordinates, name, W&B tags,
+# results.json and the report.
 AXES: Registry[Axis] = Registry(
     "axis",
     {
-        "objective": Axis("ddpm", _objective),
-        "predict": Axis("epsilon", lambda cfg: _objective_option(cfg, "predict")),
-        # the paper's diffusion draws t uniformly
-        "time_sampling": Axis("uniform", lambda cfg: _objective_option(cfg, "time_sampling") or "uniform"),
-        "pos_embed": group_axis("pos_embed", "sincos"),
-        "norm": group_axis("norm", "layernorm"),
-        "qk_norm": Axis(False, lambda cfg: bool(cfg.qk_norm)),
-        "mlp": group_axis("mlp", "gelu"),
-        "repa": Axis(0.0, lambda cfg: float(cfg.repa.weight) if cfg.repa else 0.0),  # REPA's λ, 0: none
-        # the FID's sampler, else the run's
-        "sampler": Axis(
-            "ddim",
-            lambda cfg: ((cfg.callbacks or {}).get("fid") or {}).get("sampler") or cfg.sampler.name,
-            in_name=False,
-        ),
+        f.name: f.metadata["axis"]
+        for f in fields(DesignPoint)
+        if "axis" in f.metadata and f.name not in PAPER_AXES
     },
 )
 register_axis = AXES.register
@@ -95,15 +175,6 @@ def import_registering_modules(cfg: Any) -> None:
                 ) from None
 
 
-def coordinates(cfg: DictConfig) -> dict[str, Any]:
-    """The run's point in the design space, as logged to W&B config and tags and kept in results.json:
-    the paper's axes (block, model, patch), then every registered axis (`AXES`): the successors'
-    (objective, prediction, time sampling, position embedding, norm, QK-norm, MLP, REPA's λ), the FID's
-    sampler, and a user's own."""
-    point = {"block": cfg.block.name, "model": cfg.model.name, "patch": cfg.patch}
-    return point | {name: axis.read(cfg) for name, axis in AXES.items()}
-
-
 def point_name(coords: dict[str, Any]) -> str:
     """The name of a run's point: the paper's axes, then each later axis whose value is not the paper's,
     e.g. `adaln_zero-DiT-S-p4+sit_linear+rope`, so that no two points of a sweep share a name. A name-like
@@ -129,7 +200,7 @@ def point_name(coords: dict[str, Any]) -> str:
 
 def _run_name(*, _root_: DictConfig) -> str:
     import_registering_modules(_root_)  # a user's axis registers itself before the name is made
-    return point_name(coordinates(_root_))
+    return DesignPoint.from_config(_root_).name
 
 
 # `run_name: ${point_name:}` (conf/train.yaml): the run folder, the sweep job folder and the W&B run name.

@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from ditlab.autoencoders import SDVAE, Autoencoder, IdentityAutoencoder
+from ditlab.design import DesignPoint
 from ditlab.diffusion import PAPER_DIFFUSION, objective_builder
 from ditlab.io import (
     HEADER_VERSION,
@@ -113,14 +114,13 @@ def model_name(config: dict[str, Any]) -> str:
 
 
 def config_coordinates(config: dict[str, Any]) -> dict[str, Any]:
-    """The design-space coordinates (`ditlab.design.coordinates`) that a model config holds: block, model,
-    patch and the layer axes; for weights that do not record their run's (the objective, REPA: unknown)."""
-    return {
-        "block": config.get("block", "adaln_zero"),
-        "model": model_name(config).rpartition("/")[0],
-        "patch": config["patch_size"],
-        **{key: config[key] for key in ("pos_embed", "norm", "qk_norm", "mlp") if key in config},
-    }
+    """The design-space coordinates (`ditlab.design.DesignPoint`) that a model config holds: its block, size,
+    patch and layer axes; for weights that do not record their run's (the objective, REPA: unknown)."""
+    coordinates = {"block": config.get("block", "adaln_zero"), "model": model_name(config).rpartition("/")[0]}
+    for axis, argument in DesignPoint.model_axes().items():
+        if axis not in coordinates and argument in config:
+            coordinates[axis] = config[argument]
+    return coordinates
 
 
 def describe(config: dict[str, Any]) -> str:

@@ -94,6 +94,10 @@ class DiT(nn.Module):
         mlp: str = "gelu",
         gradient_checkpointing: bool = False,
     ):
+        # The constructor's arguments, captured once (saved in checkpoints; a training setting is not).
+        config = {
+            k: v for k, v in locals().items() if k not in ("self", "__class__", "gradient_checkpointing")
+        }
         super().__init__()
         if input_size % patch_size != 0:
             divisors = [p for p in range(1, input_size + 1) if input_size % p == 0]
@@ -122,23 +126,7 @@ class DiT(nn.Module):
                 f"block {block!r} takes no `options` in __init__ or no `rope` in forward, so it only builds "
                 "with norm='layernorm', mlp='gelu', qk_norm=False and a pos_embed without rotary part"
             )
-        self.config = dict(
-            input_size=input_size,
-            patch_size=patch_size,
-            in_channels=in_channels,
-            hidden_size=hidden_size,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            class_dropout_prob=class_dropout_prob,
-            num_classes=num_classes,
-            learn_sigma=learn_sigma,
-            block=block,
-            pos_embed=pos_embed,
-            norm=norm,
-            qk_norm=qk_norm,
-            mlp=mlp,
-        )
+        self.config = config
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = in_channels

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from ditlab.cli import resolve_device, wandb_logged_in
-from ditlab.design import coordinates, import_registering_modules
+from ditlab.design import DesignPoint, import_registering_modules
 from ditlab.diffusion.sampling import SamplingSpec, check_fits, get_sampler
 from ditlab.registry import unknown_options
 from ditlab.training.callbacks import Checkpointing, RunRecord, SampleGrid
@@ -134,16 +134,18 @@ def isolate_ddp_children_from_sweep() -> None:
             hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
 
 
-def build_loggers(cfg: DictConfig, tags: list[str], group: str | None) -> list[Any]:
+def build_loggers(cfg: DictConfig, point: DesignPoint, group: str | None) -> list[Any]:
     loggers = []
     for logger_cfg in (cfg.logger or {}).values():
         if "WandbLogger" in logger_cfg._target_:
             if os.environ.get("WANDB_MODE") == "disabled":
                 continue
             offline = os.environ.get("WANDB_MODE") == "offline" or not wandb_logged_in()
-            logger = instantiate(logger_cfg, name=cfg.run_name, group=group, tags=tags, offline=offline)
+            logger = instantiate(
+                logger_cfg, name=cfg.run_name, group=group, tags=point.tags(), offline=offline
+            )
             logger.log_hyperparams(
-                OmegaConf.to_container(cfg, resolve=True) | {"coordinates": coordinates(cfg)}
+                OmegaConf.to_container(cfg, resolve=True) | {"coordinates": point.coordinates()}
             )
         else:
             logger = instantiate(logger_cfg)
@@ -151,12 +153,18 @@ def build_loggers(cfg: DictConfig, tags: list[str], group: str | None) -> list[A
     return loggers
 
 
-def build_module(cfg: DictConfig, datamodule: Any, autoencoder: Any) -> DiTModule:
+def build_module(cfg: DictConfig, point: DesignPoint, datamodule: Any, autoencoder: Any) -> DiTModule:
+    """The model and objective of `point`, with the run's other settings (`net`: the DiT's options that are
+    no axis, the optimiser, EMA, REPA's encoder, ...)."""
     in_channels, input_size = datamodule.model_input_shape(autoencoder)
     model = instantiate(
-        cfg.net, input_size=input_size, in_channels=in_channels, num_classes=datamodule.num_classes
+        cfg.net,
+        **point.model_arguments(),
+        input_size=input_size,
+        in_channels=in_channels,
+        num_classes=datamodule.num_classes,
     )
-    diffusion = instantiate(cfg.diffusion)
+    diffusion = point.build_objective()
     if cfg.sampler.name == "auto":  # the objective's own; the grid and FID callbacks read sampler.name
         with open_dict(cfg):
             cfg.sampler.name = diffusion.default_sampler
@@ -171,10 +179,10 @@ def build_module(cfg: DictConfig, datamodule: Any, autoencoder: Any) -> DiTModul
                 "images (data=image_folder with autoencoder=sd_vae encodes them in the loop) or use repa=none"
             )
         repa = instantiate(cfg.repa, hidden_size=model.config["hidden_size"], model_depth=len(model.blocks))
-        repa.check_encodes(datamodule.channels, datamodule.image_size, input_size // cfg.patch)
+        repa.check_encodes(datamodule.channels, datamodule.image_size, input_size // point.patch)
     info = {
-        "coordinates": coordinates(cfg),
-        "diffusion": OmegaConf.to_container(cfg.diffusion, resolve=True),
+        "coordinates": point.coordinates(),
+        "diffusion": point.objective_options,
         "autoencoder": autoencoder.config,
         "data": {
             "name": type(datamodule).__name__,
@@ -233,12 +241,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.global_batch_size = cfg.optim.global_batch_size
     datamodule.seed = cfg.seed
     autoencoder = instantiate(cfg.autoencoder)
-    module = build_module(cfg, datamodule, autoencoder)
+    point = DesignPoint.from_config(cfg)
+    module = build_module(cfg, point, datamodule, autoencoder)
 
     hydra_cfg = HydraConfig.get()
     group = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode == RunMode.MULTIRUN else None
-    tags = [f"{k}={v}" for k, v in coordinates(cfg).items()]
-    loggers = build_loggers(cfg, tags, group)
+    loggers = build_loggers(cfg, point, group)
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
     for callback in callbacks:
         if isinstance(callback, RunRecord):  # the config as run: devices, precision and sampler resolved
