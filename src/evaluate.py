@@ -1,7 +1,9 @@
 """Sample metrics: python src/evaluate.py samples=path/to/samples.npz ref=path/to/ref.npz|image_folder|fashion_mnist_test
 
-Prints FID, sFID, Inception Score, precision and recall against the reference, names the feature network
-that produced them, and writes them to <samples>.metrics.json. Options: conf/evaluate.yaml.
+Prints FID, sFID, Inception Score, precision and recall (and FD-DINOv2 when DINOv2's weights are at hand)
+against the reference, names the feature network that produced them, and writes them to
+<samples>.metrics.json; samples=[a.npz,b.npz,c.npz] (one set per sampling seed) adds their mean ± std.
+Options: conf/evaluate.yaml.
 """
 
 from typing import Any

@@ -17,7 +17,7 @@ from ditlab.diffusion import (
     get_sampler,
     sample,
 )
-from ditlab.diffusion.sampling import seeded_generator
+from ditlab.diffusion.sampling import Evaluations, seeded_generator
 
 PATH_COEFFICIENTS = {  # (α, σ, α', σ') of t, written out from the paper
     "linear": lambda t: (t, 1 - t, 1.0, -1.0),
@@ -130,7 +130,8 @@ def test_one_euler_maruyama_step_and_the_mean_last_step():
     objective = Interpolant("linear")
     h = 0.04
     sde = get_sampler("euler_maruyama", last_step_size=h)
-    out = sde.run(objective, stand_in, x, 1, fixed_noise(z), {"y": y})
+    evaluations = Evaluations()
+    out = sde.run(objective, evaluations.count(stand_in), x, 1, fixed_noise(z), {"y": y})
 
     def drift(x, t):  # v + w·s with w = σ_t (SiT's "sigma" form, norm 1) and s from the velocity
         a, s, da, ds = PATH_COEFFICIENTS["linear"](t)
@@ -143,7 +144,7 @@ def test_one_euler_maruyama_step_and_the_mean_last_step():
     x_next = x + d * dt + math.sqrt(2 * w * dt) * z
     expected = x_next + h * drift(x_next, 1 - h)[0]  # "Mean": no noise in the last step
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-    assert sde.last_nfe == 2
+    assert evaluations.rows == 2 * len(x)  # one step and the last: 2 evaluations per image
 
 
 def point_mass_case(path: str, sample_eps: float):
@@ -189,9 +190,11 @@ def test_euler_and_heun_converge_at_their_order():
 def test_dopri5_meets_its_tolerances():
     objective, model, x0, y, end, _ = point_mass_case("gvp", 0.05)
     loose, tight = get_sampler("dopri5"), get_sampler("dopri5", atol=1e-10, rtol=1e-9)
-    assert float((tight.run(objective, model, x0, 1, None, {"y": y}) - end).abs().max()) < 1e-7
-    loose.run(objective, model, x0, 1, None, {"y": y})
-    assert tight.last_nfe > loose.last_nfe > 0  # adaptive: more evaluations for tighter tolerances
+    counts = Evaluations(), Evaluations()
+    out = tight.run(objective, counts[1].count(model), x0, 1, None, {"y": y})
+    assert float((out - end).abs().max()) < 1e-7
+    loose.run(objective, counts[0].count(model), x0, 1, None, {"y": y})
+    assert counts[1].rows > counts[0].rows > 0  # adaptive: more evaluations for tighter tolerances
 
 
 def test_the_sde_with_the_exact_fields_recovers_a_point_mass():

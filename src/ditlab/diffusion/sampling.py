@@ -6,16 +6,20 @@ step's noise come from it, so image i is the same whatever the batch size or the
 (except for dopri5, whose adaptive steps follow the error of the whole batch, as in SiT).
 
 A sampler is a registered class (`@register_sampler("name")`, from any module) that solves one kind of
-objective (`objective`): the paper's `GaussianDiffusion` (ddpm, ddim) or SiT's `Interpolant` (euler, heun,
-dopri5, euler_maruyama). `run(objective, model_fn, x, steps, noise, model_kwargs, clip_denoised)` takes
-the starting noise x to a sample; `noise()` draws the next per-image noise. For a Gaussian diffusion the
+objective (`objective`): the paper's `GaussianDiffusion` (ddpm, ddim; dpmsolver++ and unipc, diffusers'
+multistep solvers) or SiT's `Interpolant` (euler, heun, dopri5, euler_maruyama).
+`run(objective, model_fn, x, steps, noise, model_kwargs, clip_denoised)` takes the starting noise x to a
+sample; `noise()` draws the next per-image noise. For a Gaussian diffusion the
 default `run` walks the respaced process of
 - `process(diffusion, steps)` (the model is still called with the original timesteps) with
 - `step(process, model_fn, x, t, noise, model_kwargs, clip_denoised)`: x_t → x_{t-1}, with `noise` the
   step's noise (None when `stochastic` is False),
-so that a new diffusion sampler defines only those two.
+so that a new diffusion sampler defines only those two. `Evaluations` counts the network evaluations
+(NFE) of any sampler, as the network runs (`sample(..., evaluations=...)`).
 """
 
+import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -56,6 +60,7 @@ class Sampler:
     name = ""  # set by @register_sampler
     objective: type = GaussianDiffusion
     stochastic = True
+    uses_steps = True  # False: `steps` does not change what it does (an adaptive solver)
 
     def run(
         self,
@@ -148,22 +153,190 @@ class DDIM(Sampler):
         return out["sample"]
 
 
+# What ditlab's `GaussianDiffusion.predict` is called in diffusers' schedulers (`prediction_type`).
+DIFFUSERS_PREDICTION = {"epsilon": "epsilon", "x0": "sample", "v": "v_prediction"}
+
+
+def _choice(sampler: str, name: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        shown = " | ".join(map(str, choices))
+        raise ValueError(f"sampler.options.{name}={value}: {sampler} takes {shown}")
+
+
+class DiffusersMultistep(Sampler):
+    """A multistep solver of diffusers (`scheduler_class`) on the paper's diffusion, driven as diffusers'
+    `DiTPipeline` drives it (`set_timesteps(steps)`; per timestep: the model, then `step`), with ditlab's
+    sampling around it:
+
+    - the scheduler is built from the diffusion's own betas (`trained_betas`) and steps, and its prediction
+      (`predict` ε | x0 | v → diffusers' epsilon | sample | v_prediction); for a respaced diffusion its
+      timesteps are mapped to the original ones (`timestep_map`);
+    - the model is called with the original timesteps 0..T−1 (so that guidance intervals and
+      `data_fraction` mean what they mean for DDPM and DDIM); of the learned-range output (2C channels) the
+      solver gets the first C, as `DiTPipeline` does. The scheduler's own `variance_type="learned_range"`
+      is not used: it keeps the first 3 channels (RGB) whatever C is, and only for ε-prediction;
+    - stochastic variants (`sde-dpmsolver++`) take each step's noise from `noise()` (`variance_noise`), so
+      image i is the same whatever its batch;
+    - `clip_denoised` (pixel space: x0 clipped to [-1, 1] at every step, ADM's) is diffusers'
+      `thresholding` at `sample_max_value=1`: its per-image threshold s is clamped to [1, 1], which is
+      clipping to [-1, 1] (diffusers applies it to the data-prediction forms: unipc's `predict_x0=false`
+      does not clip).
+
+    The solvers run in float32 (diffusers casts the state and ᾱ to float32); one model evaluation per step.
+    """
+
+    scheduler_class = ""  # the diffusers class's name (imported when sampling: diffusers is slow to import)
+
+    def __init__(self, **scheduler_options: Any) -> None:
+        self.options = scheduler_options
+
+    def check(self, objective: GaussianDiffusion) -> None:
+        if objective.predict not in DIFFUSERS_PREDICTION:
+            raise ValueError(
+                f"sampler={self.name} cannot sample a diffusion that predicts {objective.predict}"
+            )
+
+    def scheduler(self, diffusion: GaussianDiffusion, clip_denoised: bool = False) -> Any:
+        """The diffusers scheduler on `diffusion`'s schedule and prediction, with this sampler's options."""
+        import diffusers
+
+        self.check(diffusion)
+        options = dict(self.options)
+        if clip_denoised:
+            options |= {"thresholding": True, "sample_max_value": 1.0}
+        return getattr(diffusers, self.scheduler_class)(
+            num_train_timesteps=diffusion.num_timesteps,
+            trained_betas=diffusion.betas.cpu().numpy(),
+            prediction_type=DIFFUSERS_PREDICTION[diffusion.predict],
+            **options,
+        )
+
+    def run(self, objective, model_fn, x, steps, noise, model_kwargs, clip_denoised=False):
+        objective._check_device(x.device)
+        if steps > objective.num_timesteps:
+            raise ValueError(
+                f"steps={steps}: {self.name} takes at most the diffusion's {objective.num_timesteps} steps"
+            )
+        scheduler = self.scheduler(objective, clip_denoised)
+        scheduler.set_timesteps(steps)  # on the CPU: read there without a device sync
+        scheduler.set_begin_index(0)  # from the first timestep (no search for it, which repeats would fool)
+        original = objective.timestep_map[scheduler.timesteps.to(objective.timestep_map.device)]
+        n, channels = x.shape[0], x.shape[1]
+        x = x * scheduler.init_noise_sigma
+        for i, timestep in enumerate(scheduler.timesteps):
+            out = model_fn(scheduler.scale_model_input(x, timestep), original[i].expand(n), **model_kwargs)
+            objective._check_output(out, x)
+            step_noise = {"variance_noise": noise()} if self.stochastic else {}
+            x = scheduler.step(out[:, :channels].to(x.dtype), timestep, x, **step_noise).prev_sample
+        return x
+
+
+@register_sampler("dpmsolver++")
+class DPMSolverPP(DiffusersMultistep):
+    """DPM-Solver++ (Lu et al. 2022), diffusers' `DPMSolverMultistepScheduler`: multistep, order
+    `solver_order` (2 for guided sampling, 3 unguided) in the data-prediction (x0) form;
+    `algorithm_type="sde-dpmsolver++"` is its stochastic variant (noise per image). The other options are
+    diffusers' (their defaults): `solver_type` midpoint | heun (2nd order), `lower_order_final` (first/
+    second order on the last steps below 15 steps), `euler_at_final`, `final_sigmas_type` zero |
+    sigma_min, `timestep_spacing` linspace | leading | trailing, `use_karras_sigmas`, `use_lu_lambdas`
+    (uniform log-SNR steps), `lambda_min_clipped` (null: none; e.g. -5.1 for the cosine schedule)."""
+
+    scheduler_class = "DPMSolverMultistepScheduler"
+
+    def __init__(
+        self,
+        solver_order: int = 2,
+        algorithm_type: str = "dpmsolver++",
+        solver_type: str = "midpoint",
+        lower_order_final: bool = True,
+        euler_at_final: bool = False,
+        final_sigmas_type: str = "zero",
+        timestep_spacing: str = "linspace",
+        use_karras_sigmas: bool = False,
+        use_lu_lambdas: bool = False,
+        lambda_min_clipped: float | None = None,
+    ) -> None:
+        name = "dpmsolver++"
+        _choice(name, "solver_order", solver_order, (1, 2, 3))
+        _choice(name, "algorithm_type", algorithm_type, ("dpmsolver++", "sde-dpmsolver++"))
+        _choice(name, "solver_type", solver_type, ("midpoint", "heun"))
+        _choice(name, "final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
+        _choice(name, "timestep_spacing", timestep_spacing, ("linspace", "leading", "trailing"))
+        if use_karras_sigmas and use_lu_lambdas:
+            raise ValueError(f"{name}: use_karras_sigmas and use_lu_lambdas are two step schedules; pick one")
+        super().__init__(
+            solver_order=solver_order,
+            algorithm_type=algorithm_type,
+            solver_type=solver_type,
+            lower_order_final=lower_order_final,
+            euler_at_final=euler_at_final,
+            final_sigmas_type=final_sigmas_type,
+            timestep_spacing=timestep_spacing,
+            use_karras_sigmas=use_karras_sigmas,
+            use_lu_lambdas=use_lu_lambdas,
+            lambda_min_clipped=-math.inf if lambda_min_clipped is None else lambda_min_clipped,
+        )
+        self.stochastic = algorithm_type.startswith("sde-")
+
+
+@register_sampler("unipc")
+class UniPC(DiffusersMultistep):
+    """UniPC (Zhao et al. 2023), diffusers' `UniPCMultistepScheduler`: a multistep predictor of order
+    `solver_order` with the UniC corrector (order + 1), deterministic, one model evaluation per step (the
+    corrector reuses the next step's). Options are diffusers' (their defaults): `predict_x0` (data- or
+    noise-prediction form), `solver_type` bh1 | bh2 (bh1 for unguided sampling below 10 steps),
+    `lower_order_final`, `disable_corrector` (step indices without the corrector, e.g. [0] at large
+    guidance), `final_sigmas_type`, `timestep_spacing`, `use_karras_sigmas`."""
+
+    scheduler_class = "UniPCMultistepScheduler"
+    stochastic = False
+
+    def __init__(
+        self,
+        solver_order: int = 2,
+        predict_x0: bool = True,
+        solver_type: str = "bh2",
+        lower_order_final: bool = True,
+        disable_corrector: Sequence[int] = (),
+        final_sigmas_type: str = "zero",
+        timestep_spacing: str = "linspace",
+        use_karras_sigmas: bool = False,
+    ) -> None:
+        name = "unipc"
+        if not isinstance(solver_order, int) or isinstance(solver_order, bool) or solver_order < 1:
+            raise ValueError(f"sampler.options.solver_order={solver_order}: unipc takes an integer ≥ 1")
+        _choice(name, "solver_type", solver_type, ("bh1", "bh2"))
+        _choice(name, "final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
+        _choice(name, "timestep_spacing", timestep_spacing, ("linspace", "leading", "trailing"))
+        if not predict_x0 and final_sigmas_type == "zero":  # diffusers' last step divides by σ = 0: NaN
+            raise ValueError(
+                "sampler.options.predict_x0=false: unipc's noise-prediction form cannot step to σ = 0; set "
+                "sampler.options.final_sigmas_type=sigma_min, or predict_x0=true"
+            )
+        super().__init__(
+            solver_order=solver_order,
+            predict_x0=predict_x0,
+            solver_type=solver_type,
+            lower_order_final=lower_order_final,
+            disable_corrector=[int(i) for i in disable_corrector],
+            final_sigmas_type=final_sigmas_type,
+            timestep_spacing=timestep_spacing,
+            use_karras_sigmas=use_karras_sigmas,
+        )
+
+
 class FlowSampler(Sampler):
     """A sampler of SiT's interpolant: integrates from the noise (t0 ≈ 0) to the data (t1 ≈ 1)."""
 
     objective = Interpolant
     stochastic = False
 
-    def __init__(self) -> None:
-        self.last_nfe = 0  # model evaluations of the last run (the adaptive solver's vary)
-
     def velocity_field(
         self, objective: Interpolant, model_fn: ModelFn, model_kwargs: dict[str, Any]
     ) -> Callable[[Tensor, Tensor], Tensor]:
-        """f(t, x) = v(x, t) for a scalar time t, counting evaluations."""
+        """f(t, x) = v(x, t) for a scalar time t."""
 
         def f(t: Tensor, x: Tensor) -> Tensor:
-            self.last_nfe += 1
             t_batch = t.to(x.dtype).expand(x.shape[0])
             return objective.velocity(model_fn(x, t_batch, **model_kwargs), x, t_batch)
 
@@ -176,7 +349,6 @@ class FixedStepODE(FlowSampler):
     method = ""
 
     def run(self, objective, model_fn, x, steps, noise, model_kwargs, clip_denoised=False):
-        self.last_nfe = 0
         t0, t1 = objective.sample_interval()
         grid = torch.linspace(t0, t1, steps + 1, device=x.device, dtype=torch.float64).to(x.dtype)
         f = self.velocity_field(objective, model_fn, model_kwargs)
@@ -204,14 +376,14 @@ class Dopri5ODE(FlowSampler):
     """The adaptive Dormand–Prince 5(4) solver on [t0, t1] (SiT's ODE default: atol 1e-6, rtol 1e-3);
     `steps` is ignored, the number of evaluations follows the tolerances."""
 
+    uses_steps = False
+
     def __init__(self, atol: float = 1e-6, rtol: float = 1e-3) -> None:
-        super().__init__()
         if atol <= 0 or rtol <= 0:
             raise ValueError(f"dopri5 tolerances atol={atol}, rtol={rtol} must be > 0")
         self.atol, self.rtol = atol, rtol
 
     def run(self, objective, model_fn, x, steps, noise, model_kwargs, clip_denoised=False):
-        self.last_nfe = 0
         t0, t1 = objective.sample_interval()
         ends = torch.tensor([t0, t1], device=x.device, dtype=x.dtype)
         f = self.velocity_field(objective, model_fn, model_kwargs)
@@ -230,7 +402,6 @@ class EulerMaruyamaSDE(FlowSampler):
     def __init__(
         self, diffusion_form: str = "sigma", diffusion_norm: float = 1.0, last_step_size: float = 0.04
     ) -> None:
-        super().__init__()
         if not 0 <= last_step_size < 1 or diffusion_norm < 0:
             raise ValueError(
                 f"euler_maruyama: last_step_size={last_step_size} must be in [0, 1) and "
@@ -260,7 +431,6 @@ class EulerMaruyamaSDE(FlowSampler):
         return objective.velocity(out, x, t) + w * objective.score(out, x, t), w
 
     def run(self, objective, model_fn, x, steps, noise, model_kwargs, clip_denoised=False):
-        self.last_nfe = 0
         t0, t1 = objective.sample_interval(sde=True, last_step_size=self.last_step_size)
         grid = torch.linspace(t0, t1, steps + 1, dtype=torch.float64)
         n = x.shape[0]
@@ -269,12 +439,10 @@ class EulerMaruyamaSDE(FlowSampler):
             t_batch = torch.full((n,), t, device=x.device, dtype=x.dtype)
             drift, w = self.drift(objective, model_fn(x, t_batch, **model_kwargs), x, t_batch)
             x = x + drift * dt + (2 * w * dt).sqrt() * noise()
-            self.last_nfe += 1
         if self.last_step_size > 0:
             t_batch = torch.full((n,), t1, device=x.device, dtype=x.dtype)
             drift, _ = self.drift(objective, model_fn(x, t_batch, **model_kwargs), x, t_batch)
             x = x + drift * self.last_step_size
-            self.last_nfe += 1
         return x
 
 
@@ -304,6 +472,12 @@ class SamplingSpec:
     everywhere), the job's `seed` (image i draws from seed·SEED_STRIDE + i) and, for sample.py,
     `precision` (fp32 | tf32 | bf16). `key` is the config prefix its values came from (e.g.
     "callbacks.fid."), so that a bad value names the key the user wrote.
+
+    Autoguidance (`ditlab.diffusion.guidance.cfg_model_fn`): `guide` names the guiding model (its
+    checkpoint's path, as the config's `guide.ckpt` gives it; the model itself is `sample`'s `guide=`) and
+    `guide_scale` its weight w ≥ 0, within `cfg_interval` too. A scale ≠ 1 without a guide, and a guide
+    with scale 1 (which would do nothing), are refused in one line naming `<key>guide.scale` /
+    `<key>guide.ckpt`, as the configs spell them.
     """
 
     sampler: str = "ddim"
@@ -314,6 +488,8 @@ class SamplingSpec:
     guidance_channels: int | None = None
     seed: int = 0
     precision: str = "fp32"
+    guide: str | None = None
+    guide_scale: float = 1.0
     key: str = field(default="", compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -333,6 +509,23 @@ class SamplingSpec:
         object.__setattr__(
             self, "cfg_interval", check_cfg_interval(self.cfg_interval, key=f"{k}cfg_interval")
         )
+        scale = self.guide_scale
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not 0 <= scale < math.inf:
+            raise ValueError(f"{k}guide.scale={scale} is out of range: autoguidance's weight must be ≥ 0")
+        if self.guide is not None and not isinstance(self.guide, str | os.PathLike):
+            raise ValueError(f"{k}guide.ckpt={self.guide!r} must be a checkpoint's path, or null")
+        if self.guide is None and scale != 1:
+            raise ValueError(
+                f"{k}guide.scale={scale:g} needs a guide: set {k}guide.ckpt=<a weaker checkpoint of the same "
+                f"objective> (an earlier one of the run, a smaller model's), or {k}guide.scale=1"
+            )
+        if self.guide is not None and scale == 1:
+            raise ValueError(
+                f"{k}guide.ckpt={self.guide} with {k}guide.scale=1 does nothing: set {k}guide.scale (e.g. 2), "
+                f"or {k}guide.ckpt=null"
+            )
+        if self.guide is not None:
+            object.__setattr__(self, "guide", str(self.guide))
 
     def solver(self) -> Sampler:
         """The configured sampler (a fresh one: samplers keep per-run counters)."""
@@ -351,9 +544,42 @@ class SamplingSpec:
         return spec
 
     def as_record(self) -> dict[str, Any]:
-        """The settings as JSON values (a job's manifest, a record)."""
+        """The settings as JSON values (a job's manifest, a record). `guide` and `guide_scale` only with a
+        guide: an unguided spec's record is what it was before autoguidance (a sample.py job started then
+        resumes)."""
         record = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "key"}
+        if self.guide is None:
+            del record["guide"], record["guide_scale"]
         return record | {"cfg_interval": None if self.cfg_interval is None else list(self.cfg_interval)}
+
+
+class Evaluations:
+    """The network evaluations sampling cost (NFE), counted as the network runs, for every sampler alike:
+    `sample(..., evaluations=e)` adds the rows of every batch the network is given to `rows` and the images
+    it made to `images`. `per_image` is the NFE of an FID: a guided step runs the network on the doubled
+    batch (conditional and unconditional halves) and counts 2, a step outside the guidance interval or
+    without guidance 1; an adaptive solver (dopri5) counts what it took. An autoguided step adds the
+    guide's evaluation (a step with the guide alone counts 2, with CFG and the guide 3): one evaluation,
+    even where the guide is a smaller network than the model. One counter may serve many batches (an
+    FID's), giving their mean."""
+
+    def __init__(self) -> None:
+        self.rows = 0  # batch rows the network evaluated
+        self.images = 0  # images sampled
+
+    def count(self, model: ModelFn) -> ModelFn:
+        """`model`, counting the rows of its input."""
+
+        def counted(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            self.rows += x.shape[0]
+            return model(x, *args, **kwargs)
+
+        return counted
+
+    @property
+    def per_image(self) -> float | None:
+        """Network evaluations per image (None before any image)."""
+        return self.rows / self.images if self.images else None
 
 
 @torch.no_grad()
@@ -367,31 +593,44 @@ def sample(
     labels: Tensor | None = None,
     num_classes: int | None = None,
     clip_denoised: bool = False,
+    evaluations: Evaluations | None = None,
+    guide: ModelFn | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Latents (N, C, H, W) of `shape` (C, H, W) and their labels (N,), one image per generator, as `spec`
     says (its `seed` and `precision` are the caller's: they chose the generators and the model's dtype).
 
     `model(x, t, y)` is the class-conditional network (its null label is `num_classes`). Labels are
     `labels`, or drawn uniformly from [0, num_classes) with each image's generator (before its noise).
-    The result is on the generators' device.
+    The result is on the generators' device. `evaluations` (an `Evaluations`) counts the network's
+    evaluations, the guide's among them. `guide(x, t, y)` is the loaded guide of autoguidance that
+    `spec.guide` names (in the model's precision, on its device): needed exactly when `spec.guide` is set.
     """
     if num_classes is None:
         num_classes = getattr(model, "num_classes", None)
     spec = spec.resolve(diffusion)
+    if guide is None and spec.guide is not None:
+        raise ValueError(f"{spec.key}guide.ckpt={spec.guide}: the guide model was not given (guide=)")
+    if guide is not None and spec.guide is None:
+        raise ValueError(f"a guide model was given, but {spec.key}guide.ckpt is null: name it in the spec")
     solver = spec.solver()
     device = generators[0].device
     if labels is None:
         labels = torch.cat([torch.randint(num_classes, (1,), generator=g, device=device) for g in generators])
+    count = (lambda net: net) if evaluations is None else evaluations.count
     model_fn = cfg_model_fn(
-        model,
+        count(model),
         spec.cfg_scale,
         null_class=num_classes,
         guidance_channels=spec.guidance_channels,
         interval=spec.cfg_interval,
         data_fraction=diffusion.data_fraction,
+        guide=None if guide is None else count(guide),
+        guide_scale=spec.guide_scale,
     )
     x = _randn(generators, shape)
     x = solver.run(
         diffusion, model_fn, x, spec.steps, lambda: _randn(generators, shape), {"y": labels}, clip_denoised
     )
+    if evaluations is not None:
+        evaluations.images += x.shape[0]
     return x, labels

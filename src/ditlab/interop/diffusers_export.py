@@ -30,6 +30,7 @@ from diffusers import (
 )
 
 from ditlab.autoencoders import load_autoencoder_kl
+from ditlab.diffusion.sampling import DIFFUSERS_PREDICTION
 from ditlab.interop.formats import (
     SD_VAE_SCALE,
     LoadedDiT,
@@ -44,7 +45,7 @@ from ditlab.models.embeddings import sincos_pos_embed_2d
 log = logging.getLogger(__name__)
 
 SCHEDULERS = {"ddim": DDIMScheduler, "dpm_solver": DPMSolverMultistepScheduler}
-PREDICTION_TYPES = {"epsilon": "epsilon", "x0": "sample", "v": "v_prediction"}  # ditlab -> diffusers
+PREDICTION_TYPES = DIFFUSERS_PREDICTION  # ditlab -> diffusers (the samplers' table: one home)
 HEADER_FILE = "ditlab.json"  # the ditlab header (autoencoder, data, diffusion) kept beside the weights
 
 

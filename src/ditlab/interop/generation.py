@@ -31,7 +31,8 @@ from ditlab.autoencoders import Autoencoder, IdentityAutoencoder
 from ditlab.cli import resolve_device
 from ditlab.design import import_registering_modules
 from ditlab.diffusion import build_objective
-from ditlab.diffusion.sampling import SamplingSpec, image_generators, sample
+from ditlab.diffusion.labels import check_label_sampling, labels_for
+from ditlab.diffusion.sampling import Evaluations, SamplingSpec, image_generators, sample
 from ditlab.grids import grid_title, save_grid
 from ditlab.interop.checkpoints import load_dit
 from ditlab.interop.formats import LoadedDiT, config_coordinates, describe, resolve_checkpoint
@@ -101,7 +102,8 @@ class ImageSampler:
     Image i comes from its own generator (`image_generators`, seeded by `spec.seed`), so it does not depend
     on which other images share its batch. `spec.precision`: fp32, tf32 (TF32 matrix products) or bf16
     (autocast of the model). Latents are decoded by `autoencoder` (default: the checkpoint's); in pixel
-    space x0 is clipped to [-1, 1] at every step (ADM).
+    space x0 is clipped to [-1, 1] at every step (ADM). `evaluations` counts the network evaluations of
+    every image it made (`evaluations.per_image`: the NFE).
     """
 
     def __init__(
@@ -122,6 +124,7 @@ class ImageSampler:
         self.channels = loaded.data.get("channels")
         self.shape = (model.in_channels, model.input_size, model.input_size)
         self.pixel_space = isinstance(self.autoencoder, IdentityAutoencoder)
+        self.evaluations = Evaluations()
 
     def _net(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.spec.precision == "bf16"):
@@ -140,6 +143,7 @@ class ImageSampler:
                 labels=None if labels is None else labels.to(self.device),
                 num_classes=self.model.num_classes,
                 clip_denoised=self.pixel_space,
+                evaluations=self.evaluations,
             )
             return to_uint8_rgb(self.autoencoder.decode(z, channels=self.channels)), labels
 
@@ -209,6 +213,7 @@ def generate(
     *,
     labels: Sequence[int] | None = None,
     num_samples: int | None = None,
+    label_sampling: str = "uniform",
     batch_size: int = 32,
     rank: int = 0,
     world_size: int = 1,
@@ -223,7 +228,9 @@ def generate(
     device: str | torch.device = "cpu",
     autoencoder: Autoencoder | None = None,
 ) -> dict[str, Path]:
-    """Sample `labels` (one image each) or `num_samples` images with uniform labels; see the module docstring.
+    """Sample `labels` (one image each) or `num_samples` images with labels as `label_sampling` says
+    (`uniform`: drawn per image; `balanced`: image i gets class i mod K, `ditlab.diffusion.labels`); see the
+    module docstring.
 
     `spec`, `device`, `autoencoder`: those of `ImageSampler`. The PNG grid shows the first `png_images` images (None: all) in rows
     of `png_nrow`. `job` is extra identifying data (e.g. the checkpoint path) recorded in `<out>.json`
@@ -241,6 +248,12 @@ def generate(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} of world size {world_size}: need 0 <= rank < world_size")
     num_classes = loaded.model.num_classes
+    check_label_sampling(label_sampling, "labels")
+    if labels is not None and label_sampling != "uniform":
+        raise ValueError(
+            f"labels={label_sampling} chooses the labels of num_samples images, and classes= lists them already "
+            f"(per_class of each: balanced too): drop one of them"
+        )
     if labels is not None:
         labels = [int(label) for label in labels]
         if not labels:
@@ -260,7 +273,8 @@ def generate(
         "checkpoint_sha256": checkpoint_sha256,
         "model_config": loaded.model.config,
         "weights": loaded.weights,
-        "labels": labels,
+        # classes= as a list; null: uniform; "balanced"
+        "labels": labels if label_sampling == "uniform" else label_sampling,
         "num_samples": num_samples,
         "batch_size": batch_size,
         **spec.as_record(),
@@ -287,7 +301,8 @@ def generate(
         desc = f"sampling (rank {rank}/{world_size})"
         with tqdm(total=total, initial=done, unit="img", desc=desc, disable=not progress or rank != 0) as bar:
             for a, b in todo:
-                images, y = sample(range(a, b), None if label_table is None else label_table[a:b])
+                y = labels_for(label_sampling, range(a, b), num_classes)  # uniform: None, drawn per image
+                images, y = sample(range(a, b), label_table[a:b] if label_table is not None else y)
                 save_npz(shard_path(a, b), images.cpu().numpy(), y.cpu().numpy())
                 bar.update(b - a)
     if rank != 0:
@@ -360,6 +375,7 @@ def run_sample(cfg: DictConfig) -> dict[str, Path]:
     labels = [c for c in cfg.classes for _ in range(cfg.per_class)] if cfg.classes is not None else None
     name = f"{Path(cfg.ckpt).stem}-{loaded.weights}-{cfg.sampler.name}{cfg.steps}-cfg{cfg.cfg_scale}"
     name += f"-seed{cfg.seed}-" + ("classes" if labels else str(cfg.num_samples))
+    name += "-balanced" if cfg.get("labels", "uniform") == "balanced" else ""
     if rank == 0:
         print(
             f"{describe(loaded.model.config)} from {cfg.ckpt} ({loaded.source_format}, {loaded.weights} weights); "
@@ -371,6 +387,7 @@ def run_sample(cfg: DictConfig) -> dict[str, Path]:
         replace(spec, guidance_channels=guided),
         labels=labels,
         num_samples=cfg.num_samples,
+        label_sampling=check_label_sampling(cfg.get("labels", "uniform"), "labels"),
         batch_size=cfg.batch_size,
         device=device,
         rank=rank,

@@ -90,7 +90,8 @@ def reference_from_images(
     batches: (B, 1|3, H, W) uint8 or [0, 1] float images, or (images, labels, ...) tuples of them (the first
     element is used). Shuffle a loader whose order is sorted (by class, say) so that the precision/recall
     subset is representative. `net` (moved to `device`) is an `InceptionFeatures` or anything with the same
-    `features(images) -> {"pool", "spatial"}` and `identity`.
+    `features(images) -> {"pool", "spatial"}` and `identity`; a network without `spatial` features
+    (`DINOv2Features`) gives no sFID statistics (mu_s, sigma_s None).
     """
     net.to(device)
     metrics: dict[str, FrechetInceptionDistance] = {}
@@ -100,6 +101,8 @@ def reference_from_images(
         images = batch[0] if isinstance(batch, tuple | list) else batch
         features = net.features(images.to(device))
         for kind in ("pool", "spatial"):
+            if kind not in features:
+                continue
             if kind not in metrics:
                 metrics[kind] = frechet_metric(PrecomputedFeatures(features[kind].shape[1])).to(device)
             metrics[kind].update(features[kind], real=True)
@@ -109,7 +112,7 @@ def reference_from_images(
     if not metrics:
         raise ValueError(f"Reference source {source} yielded no images.")
     mu, sigma = real_gaussian(metrics["pool"])
-    mu_s, sigma_s = real_gaussian(metrics["spatial"])
+    mu_s, sigma_s = real_gaussian(metrics["spatial"]) if "spatial" in metrics else (None, None)
     num_images = int(metrics["pool"].real_features_num_samples)
     pool_features = torch.cat(kept).numpy() if kept else None
     return ReferenceStats(mu, sigma, mu_s, sigma_s, pool_features, num_images, source, net.identity)
@@ -141,18 +144,21 @@ def reference_from_npz(
     batch_size: int = 100,
     num_pr_images: int = 10_000,
     device: str | torch.device = "cpu",
+    stored: bool = True,
 ) -> ReferenceStats:
     """Statistics of an `.npz`: an ADM reference batch or a plain `arr_0` image set.
 
     `mu`, `sigma`, `mu_s`, `sigma_s` stored in the file (ADM's, from the TensorFlow Inception) are used as
     they are; whatever is missing is computed from the `arr_0` images, which also give the precision/recall
-    features. A file with statistics but no images gives no precision/recall.
+    features. A file with statistics but no images gives no precision/recall. `stored=False` ignores the
+    stored statistics (they are the Inception's: another network, e.g. DINOv2, needs the images).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Reference file {path} does not exist.")
     with np.load(path, allow_pickle=False) as z:
-        stored = {k: z[k].astype(np.float64) for k in _STAT_KEYS if k in z.files}
+        keys = _STAT_KEYS if stored else ()
+        stored = {k: z[k].astype(np.float64) for k in keys if k in z.files}
         has_images = "arr_0" in z.files
     if has_images:
         batches = iter_npz_images(path, batch_size)
@@ -164,9 +170,10 @@ def reference_from_npz(
             stored["mu"], stored["sigma"], None, None, None, None, source=str(path), network=net.identity
         )
     else:
-        raise ValueError(
-            f"{path} needs `arr_0` images or `mu` and `sigma` statistics to serve as a reference."
+        what = (
+            "`arr_0` images or `mu` and `sigma` statistics" if keys else f"`arr_0` images for {net.identity}"
         )
+        raise ValueError(f"{path} needs {what} to serve as a reference.")
     if stored:
         reference = dataclasses.replace(reference, **stored)
         reference.network += f"; {', '.join(stored)} as stored in {path.name}"
@@ -181,11 +188,13 @@ def load_reference(
     batch_size: int = 100,
     num_pr_images: int = 10_000,
     device: str | torch.device = "cpu",
+    stored: bool = True,
 ) -> ReferenceStats:
     """Reference statistics of `ref`, computed once and cached in `cache_dir` (None: no cache).
 
     ref: an `.npz` (ADM reference batch or `arr_0` images), an image folder, or `fashion_mnist_test` /
     `fashion_mnist_train` (through `FashionMNISTDataModule(image_size=32)`: uint8, zero-padded to 32×32).
+    `stored`: whether an ADM `.npz`'s own (Inception) statistics are used (`reference_from_npz`).
     """
     kwargs = {"net": net, "num_pr_images": num_pr_images, "device": device}
     match = re.fullmatch(r"fashion_mnist_(train|test)", str(ref))
@@ -212,13 +221,13 @@ def load_reference(
         key_file = Path(ref)
 
         def compute() -> ReferenceStats:
-            return reference_from_npz(ref, batch_size=batch_size, **kwargs)
+            return reference_from_npz(ref, batch_size=batch_size, stored=stored, **kwargs)
 
     else:
         check_reference_source(ref)
     if cache_dir is None:
         return compute()
-    fingerprint = f"{_source_fingerprint(key_file)}|pr={num_pr_images}"
+    fingerprint = f"{_source_fingerprint(key_file)}|pr={num_pr_images}" + ("" if stored else "|computed")
     return cached_reference(Path(str(ref)).stem, net, compute, cache_dir=cache_dir, fingerprint=fingerprint)
 
 

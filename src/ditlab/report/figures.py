@@ -202,3 +202,32 @@ def _fid_label(records: Sequence[RunResult]) -> str:
     if len(counts) == 1 and (n := counts.pop()):
         return f"FID-{n // 1000}K" if n % 1000 == 0 else f"FID ({n} samples)"
     return "FID"
+
+
+def plot_fid_vs_nfe(points: Sequence[dict[str, Any]], title: str = "", fid_label: str = "FID") -> Figure:
+    """FID against the network evaluations per image (NFE, log x) of one checkpoint's samples: one colour,
+    marker and line per sampler, through its step counts. `points` are `src/fid_nfe.py`'s: `sampler`,
+    `nfe` and `fid_by_seed` (sampling seed -> FID); markers at the mean over the seeds, bars over their
+    range."""
+    if not points:
+        raise ValueError("no point has an FID, so there is nothing to plot against NFE")
+    fig, ax = new_figure()
+    lines: dict[str, list[dict[str, Any]]] = {}
+    for p in points:
+        lines.setdefault(p["sampler"], []).append(p)
+    for i, (sampler, line) in enumerate(lines.items()):
+        line = sorted(line, key=lambda p: p["nfe"])
+        colour, marker = COLOURS[(i + 1) % len(COLOURS)], MARKERS[(i + 1) % len(MARKERS)]
+        x = [p["nfe"] for p in line]
+        spreads = [Spread(tuple(p["fid_by_seed"].values())) for p in line]
+        ax.plot(x, [s.mean for s in spreads], color=colour, marker=marker, label=sampler)
+        _error_bars(ax, x, spreads, colour)
+    log_x(ax, [p["nfe"] for p in points])
+    seeds = sorted({len(p["fid_by_seed"]) for p in points})
+    note = f" (mean and range over {'/'.join(map(str, seeds))} sampling seeds)" if seeds[-1] > 1 else ""
+    ax.set_xlabel("network evaluations per image (NFE; a guided step counts 2)")
+    ax.set_ylabel(fid_label)
+    ax.set_title(textwrap.fill((title or "FID vs. NFE") + note, 70), fontsize="medium")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    return fig

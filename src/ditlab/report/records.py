@@ -35,6 +35,7 @@ SETTINGS = (
     "fid_sampler",  # "<sampler> <steps> steps, cfg <scale>"
     "fid_reference",
     "fid_reference_images",
+    "fid_labels",  # uniform | balanced: the label protocol
     "feature_network",
 )
 BLOCK_NAMES = {
@@ -50,7 +51,8 @@ class RunResult:
     """One training run: its point in the design space, its seed and what it measured.
 
     `fid_history` holds dicts with at least `train_compute_gflop` (forward Gflops × 3 × images seen)
-    and `fid`, in training order.
+    and `fid` (and, in newer records, `nfe`), in training order. `nfe`: the network evaluations per image
+    its FID cost (a guided step counts 2).
     """
 
     run_name: str
@@ -75,6 +77,10 @@ class RunResult:
     settings: tuple[tuple[str, Any], ...] = ()  # the SETTINGS it records (model_config's keys flattened)
     precision: str | None = None  # as trained ("bf16-mixed", "32-true"); None in records from before it
     device: str | None = None  # the GPU's or CPU's name; None in records from before it
+    nfe: float | None = None  # network evaluations per image of its FID; None in records from before it
+    fid_std: float | None = None  # the FID's spread over its sampling seeds (callbacks.fid.seeds); None: one
+    fd_dinov2: float | None = None  # FD-DINOv2 of the FID's samples (mean over sampling seeds); None: none
+    fd_dinov2_std: float | None = None
 
     @property
     def point(self) -> tuple:
@@ -125,6 +131,7 @@ class PointResult:
     fid: Spread | None
     fid_history: tuple[dict[str, Any], ...]
     variant: tuple[tuple[str, Any], ...] = ()
+    fd_dinov2: Spread | None = None  # the runs' FD-DINOv2, as `fid`
 
     block = property(lambda self: self.runs[0].block)
     model = property(lambda self: self.runs[0].model)
@@ -231,6 +238,11 @@ def parse_record(data: dict[str, Any], source: str) -> RunResult:
         settings=_settings(data),
         precision=data.get("precision"),
         device=data.get("device"),
+        nfe=_number(data.get("fid_nfe"), "fid_nfe", source, optional=True),
+        **{
+            key: _number(data.get(key), key, source, optional=True)
+            for key in ("fid_std", "fd_dinov2", "fd_dinov2_std")
+        },
     )
 
 
@@ -339,6 +351,8 @@ def wandb_document(
         "step": summary.get("trainer/global_step"),
         "train_compute_gflop": summary.get("train_compute_gflop"),
         "fid_num_samples": summary.get("fid_num_samples"),
+        "fid_nfe": summary.get("fid_nfe"),
+        **{key: summary.get(key) for key in ("fid_std", "fd_dinov2", "fd_dinov2_std", "fid_labels")},
         "feature_network": summary.get("feature_network"),
         "precision": (config.get("trainer") or {}).get("precision"),
         "lr": (config.get("optim") or {}).get("lr"),
@@ -435,5 +449,7 @@ def group_points(records: Iterable[RunResult]) -> list[PointResult]:
                         "fid": Spread(tuple(p["fid"] for p in at)),
                     }
                 )
-        points.append(PointResult(tuple(runs), Spread(fids) if fids else None, tuple(history), variant))
+        fds = tuple(r.fd_dinov2 for r in runs if r.fd_dinov2 is not None)
+        fid, fd = Spread(fids) if fids else None, Spread(fds) if fds else None
+        points.append(PointResult(tuple(runs), fid, tuple(history), variant, fd))
     return sorted(points, key=paper_order)

@@ -12,7 +12,14 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 from ditlab.design import default_axes
-from ditlab.diffusion.sampling import Objective, SamplingSpec, image_generators, sample, seeded_generator
+from ditlab.diffusion.sampling import (
+    Evaluations,
+    Objective,
+    SamplingSpec,
+    image_generators,
+    sample,
+    seeded_generator,
+)
 from ditlab.io import checkpoint_header
 from ditlab.metrics import count_params, forward_flops
 from ditlab.models import DiT, complete_config
@@ -225,12 +232,14 @@ class DiTModule(L.LightningModule):
         *,
         indices: Sequence[int] | None = None,
         use_ema: bool = True,
+        evaluations: Evaluations | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (N, C, H, W) in [-1, 1] and their labels (N,), from the EMA weights by default, as `spec`
         says (in the trainer's precision: callers run it in its forward context).
 
         Image k is image `indices[k]` (default k) of the job `spec.seed`: drawn from its own generator (see
-        `ditlab.diffusion.sampling`), with its label from `labels` (N,) or drawn uniformly.
+        `ditlab.diffusion.sampling`), with its label from `labels` (N,) or drawn uniformly. `evaluations`
+        counts the network's evaluations (`ditlab.diffusion.sampling.Evaluations`: an FID's NFE).
         """
         net = (self.ema if use_ema else self.model).eval()
         if indices is None:
@@ -244,6 +253,7 @@ class DiTModule(L.LightningModule):
             spec,
             labels=labels,
             num_classes=net.num_classes,
+            evaluations=evaluations,
         )
         return self.autoencoder.to(self.device).decode(z).clamp(-1, 1), labels
 

@@ -11,23 +11,24 @@ plus attention, ≈ 46 GFLOPs per image for ViT-B/14 at 16×16 tokens (measure i
 """
 
 import math
-from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 import torch.nn.functional as F
 from timm.data import resolve_model_data_config
 from torch import nn
+
+from ditlab.encoders import load_encoder
 
 
 class REPA(nn.Module):
     """Projector MLP d -> projector_dim -> projector_dim -> z_dim (SiLU between) and the alignment loss.
 
     `depth` is k, 1-based: the tokens after block k are aligned (None: the paper's 8 of 28, scaled to
-    `model_depth`). The encoder is timm's `encoder` with weights from timm's hub source, or from the
-    local `encoder_path` (a .safetensors/.pth/.bin file, or a folder holding one; pickles are never
-    executed: safetensors, or torch.load with weights_only); `pretrained=False` leaves it random (tests).
+    `model_depth`). The encoder is timm's `encoder` with weights from timm's hub source (the Hugging Face
+    cache, else downloaded), or from the local `encoder_path` (a .safetensors/.pth/.bin file, or a folder
+    holding one; pickles are never executed: safetensors, or torch.load with weights_only), loaded by
+    `ditlab.encoders.load_encoder` (FD-DINOv2's loader too); `pretrained=False` leaves it random (tests).
 
     The encoder is frozen, in eval mode, and not a submodule: it is in neither `parameters()` nor
     `state_dict()` (checkpoints carry only the projector), and neither `.train()` nor `.to()` reach it:
@@ -53,23 +54,15 @@ class REPA(nn.Module):
             raise ValueError(
                 f"repa.depth must be in [1, {model_depth}] (the model's depth), got {self.depth}"
             )
-        overlay = {}
-        if encoder_path is not None:
-            if not pretrained:
-                raise ValueError("repa.encoder_path is set but repa.pretrained is false")
-            path = Path(encoder_path)
-            if not path.exists():
-                raise FileNotFoundError(f"repa.encoder_path {encoder_path} does not exist")
-            overlay = dict(source="local-dir", file=str(path)) if path.is_dir() else dict(file=str(path))
-        enc = timm.create_model(
+        enc = load_encoder(
             encoder,
+            path=encoder_path,
             pretrained=pretrained,
-            num_classes=0,
+            key="repa.",
             dynamic_img_size=True,
-            pretrained_cfg_overlay=overlay,
             **(encoder_kwargs or {}),
         )
-        object.__setattr__(self, "encoder", enc.requires_grad_(False).eval())
+        object.__setattr__(self, "encoder", enc)
         self.encoder_name = encoder
         self.weight = weight
         self.z_dim = enc.embed_dim
