@@ -31,6 +31,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "training times": ("diffusion.time_sampling", ["TIME_SAMPLINGS"]),
     "sampler": ("sampler", ["SAMPLERS", "conf/sampler"]),
     "guidance interval": ("cfg_interval", []),  # an interval, not names
+    "autoguidance": ("guide.scale", []),  # a weight, not names
     "position embedding": ("pos_embed", ["POS_EMBEDS", "conf/pos_embed"]),
     "norm": ("norm", ["NORMS", "conf/norm"]),
     "QK-norm": ("qk_norm", ["BOOLEANS"]),

@@ -34,14 +34,16 @@ def grid_title(
     sampler: str,
     steps: int,
     cfg_scale: float,
+    guide_scale: float = 1.0,
 ) -> str:
     """E.g. "adaln_zero-DiT-Ti-p4+sit_linear · step 3000 · EMA weights, euler 50 steps, cfg 4.0": the design
     point (`ditlab.design.point_name`: block, model, patch, then the axes off the paper's values), the
-    training step (None: unknown, left out) and the sampling."""
+    training step (None: unknown, left out) and the sampling (", autoguidance 2" where `guide_scale` ≠ 1)."""
     parts = [point_name(dict(coordinates))]
     if step is not None:
         parts.append(f"step {step}")
-    parts.append(f"{weights} weights, {sampler} {steps} steps, cfg {cfg_scale:g}")
+    guided = f", autoguidance {guide_scale:g}" if guide_scale != 1 else ""
+    parts.append(f"{weights} weights, {sampler} {steps} steps, cfg {cfg_scale:g}{guided}")
     return " · ".join(parts)
 
 

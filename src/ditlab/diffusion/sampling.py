@@ -543,6 +543,12 @@ class SamplingSpec:
             )
         return spec
 
+    def summary(self) -> str:
+        """E.g. "ddim 50 steps, cfg 1.0" (a record's `fid_sampler`), ", guide 2 step_0000500.ckpt" added with a
+        guide (its file's name: the runs of several seeds, each guided by its own, compare)."""
+        guided = "" if self.guide is None else f", guide {self.guide_scale:g} {os.path.basename(self.guide)}"
+        return f"{self.sampler} {self.steps} steps, cfg {self.cfg_scale}{guided}"
+
     def as_record(self) -> dict[str, Any]:
         """The settings as JSON values (a job's manifest, a record). `guide` and `guide_scale` only with a
         guide: an unguided spec's record is what it was before autoguidance (a sample.py job started then
@@ -551,6 +557,19 @@ class SamplingSpec:
         if self.guide is None:
             del record["guide"], record["guide_scale"]
         return record | {"cfg_interval": None if self.cfg_interval is None else list(self.cfg_interval)}
+
+
+def guide_options(node: Any, key: str = "guide") -> dict[str, Any]:
+    """A config's `guide` node ({ckpt, scale}; None: no guide) as `SamplingSpec`'s `guide` and `guide_scale`;
+    ValueError naming `key` for another key in it."""
+    node = dict(node or {})
+    stray = sorted(set(node) - {"ckpt", "scale"})
+    if stray:
+        raise ValueError(
+            f"{key}.{stray[0]}: not an option of autoguidance's guide; it takes ckpt (the guide's checkpoint) "
+            "and scale (its weight)"
+        )
+    return {"guide": node.get("ckpt"), "guide_scale": node.get("scale", 1.0)}
 
 
 class Evaluations:

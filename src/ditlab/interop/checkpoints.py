@@ -12,11 +12,13 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from ditlab.diffusion import objective_name
 from ditlab.interop.formats import (
     LoadedDiT,
     build_model,
     check_weights_fit,
     load_dit_file,
+    normalize_diffusion,
     read_checkpoint,
     resolve_checkpoint,
 )
@@ -52,6 +54,57 @@ def load_dit(
         loaded.model = build_model(dict(expect), loaded.model.state_dict(), "you asked for", str(path))
         loaded.model.to(map_location)
     return loaded
+
+
+# What a guide must share with the guided model for their outputs to mean the same thing at the same (x, t),
+# beside the objective itself (`objective_name`: ddpm, sit_linear, ...): the paper's schedule and prediction,
+# the interpolant's prediction. The rest (learned or fixed variance, how t was drawn in training, ε margins)
+# changes how a model was trained or sampled, not what its guided channels predict.
+GUIDE_MUST_MATCH = ("noise_schedule", "diffusion_steps", "predict")
+
+
+def load_guide(
+    path_or_name: str | os.PathLike,
+    model_config: dict[str, Any],
+    diffusion: dict[str, Any],
+    *,
+    use_ema: bool = True,
+    map_location: str | torch.device = "cpu",
+    key: str = "guide.ckpt",
+) -> DiT:
+    """The guiding model of autoguidance (Karras et al. 2024): a weaker DiT (an earlier checkpoint of the run,
+    a smaller model), in eval mode and frozen, of the same objective as the guided model (`diffusion`: its
+    checkpoint header's entry or its run's diffusion config, `normalize_diffusion` reads both), with its
+    input shape and classes (`model_config`). Any format `load_dit` reads. ValueError (FileNotFoundError for
+    a missing file) in one line naming `key` and what differs otherwise."""
+    try:
+        guide = load_dit(path_or_name, use_ema=use_ema, map_location=map_location)
+        ours, theirs = normalize_diffusion(diffusion), normalize_diffusion(guide.diffusion)
+    except (FileNotFoundError, ValueError) as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        named = key if str(path_or_name) in first_line else f"{key}={path_or_name}"  # the path said once
+        raise type(error)(f"{named}: {first_line}") from None
+    kinds = objective_name(theirs), objective_name(ours)  # ddpm, sit_linear, ...
+    differences = (
+        [f"objective {kinds[0]} vs {kinds[1]}"]
+        if kinds[0] != kinds[1]
+        else [
+            f"{name} {theirs.get(name)} vs {ours.get(name)}"
+            for name in GUIDE_MUST_MATCH
+            if theirs.get(name) != ours.get(name)
+        ]
+    )
+    differences += [
+        f"{name} {guide.model.config[name]} vs {model_config[name]}"
+        for name in ("input_size", "in_channels", "num_classes")
+        if guide.model.config[name] != model_config[name]
+    ]
+    if differences:
+        raise ValueError(
+            f"{key}={path_or_name} cannot guide this model (guide vs model: {', '.join(differences)}): "
+            "the guide must be a model of the same objective, input shape and classes"
+        )
+    return guide.model.eval().requires_grad_(False)
 
 
 def init_from_checkpoint(

@@ -32,9 +32,9 @@ from ditlab.cli import resolve_device
 from ditlab.design import import_registering_modules
 from ditlab.diffusion import build_objective
 from ditlab.diffusion.labels import check_label_sampling, labels_for
-from ditlab.diffusion.sampling import Evaluations, SamplingSpec, image_generators, sample
+from ditlab.diffusion.sampling import Evaluations, SamplingSpec, guide_options, image_generators, sample
 from ditlab.grids import grid_title, save_grid
-from ditlab.interop.checkpoints import load_dit
+from ditlab.interop.checkpoints import load_dit, load_guide
 from ditlab.interop.formats import LoadedDiT, config_coordinates, describe, resolve_checkpoint
 from ditlab.io import atomic_path, atomic_write, atomic_write_text, content_sha256
 
@@ -103,7 +103,9 @@ class ImageSampler:
     on which other images share its batch. `spec.precision`: fp32, tf32 (TF32 matrix products) or bf16
     (autocast of the model). Latents are decoded by `autoencoder` (default: the checkpoint's); in pixel
     space x0 is clipped to [-1, 1] at every step (ADM). `evaluations` counts the network evaluations of
-    every image it made (`evaluations.per_image`: the NFE).
+    every image it made (`evaluations.per_image`: the NFE). With `spec.guide`, autoguidance by `guide` (a
+    DiT from `load_guide`), or, when None, by the checkpoint `spec.guide` names, loaded here; the guide runs
+    in the model's precision.
     """
 
     def __init__(
@@ -113,6 +115,7 @@ class ImageSampler:
         *,
         device: str | torch.device = "cpu",
         autoencoder: Autoencoder | None = None,
+        guide: torch.nn.Module | None = None,
     ):
         objective = build_objective(loaded.diffusion)
         model = loaded.model
@@ -125,10 +128,17 @@ class ImageSampler:
         self.shape = (model.in_channels, model.input_size, model.input_size)
         self.pixel_space = isinstance(self.autoencoder, IdentityAutoencoder)
         self.evaluations = Evaluations()
+        if spec.guide is not None and guide is None:
+            guide = load_guide(spec.guide, model.config, loaded.diffusion, key=f"{spec.key}guide.ckpt")
+        self.guide = None if guide is None else guide.to(self.device).eval()
 
     def _net(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.spec.precision == "bf16"):
             return self.model(x, t, y).float()
+
+    def _guide_net(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.spec.precision == "bf16"):
+            return self.guide(x, t, y).float()
 
     @torch.no_grad()
     def __call__(self, indices: Sequence[int], labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -144,6 +154,7 @@ class ImageSampler:
                 num_classes=self.model.num_classes,
                 clip_denoised=self.pixel_space,
                 evaluations=self.evaluations,
+                guide=None if self.guide is None else self._guide_net,
             )
             return to_uint8_rgb(self.autoencoder.decode(z, channels=self.channels)), labels
 
@@ -195,6 +206,7 @@ def _write_grid(
         sampler=sampler.spec.sampler,
         steps=sampler.spec.steps,
         cfg_scale=sampler.spec.cfg_scale,
+        guide_scale=sampler.spec.guide_scale,
     )
     save_grid(
         path,
@@ -227,12 +239,13 @@ def generate(
     checkpoint_sha256: str | None = None,
     device: str | torch.device = "cpu",
     autoencoder: Autoencoder | None = None,
+    guide: torch.nn.Module | None = None,
 ) -> dict[str, Path]:
     """Sample `labels` (one image each) or `num_samples` images with labels as `label_sampling` says
     (`uniform`: drawn per image; `balanced`: image i gets class i mod K, `ditlab.diffusion.labels`); see the
     module docstring.
 
-    `spec`, `device`, `autoencoder`: those of `ImageSampler`. The PNG grid shows the first `png_images` images (None: all) in rows
+    `spec`, `device`, `autoencoder`, `guide`: those of `ImageSampler`. The PNG grid shows the first `png_images` images (None: all) in rows
     of `png_nrow`. `job` is extra identifying data (e.g. the checkpoint path) recorded in `<out>.json`
     and checked on resumption; a finished job with the same arguments is not run again.
     `checkpoint_sha256` (`ditlab.io.content_sha256` of the checkpoint, taken before loading it) is
@@ -288,7 +301,8 @@ def generate(
     if finished and all(path.is_file() for path in wanted.values()):  # this very job ran to its end
         return wanted if rank == 0 else {}
 
-    sample = ImageSampler(loaded, spec, device=device, autoencoder=autoencoder)  # checked before any write
+    # Checked before any write.
+    sample = ImageSampler(loaded, spec, device=device, autoencoder=autoencoder, guide=guide)
     paths["parts"].mkdir(parents=True, exist_ok=True)
     _check_manifest(paths["parts"], manifest)
     shards = [(a, min(a + batch_size, num_samples)) for a in range(0, num_samples, batch_size)]
@@ -363,23 +377,33 @@ def run_sample(cfg: DictConfig) -> dict[str, Path]:
         None if cfg.cfg_interval is None else list(cfg.cfg_interval),
         seed=cfg.seed,
         precision=cfg.precision,
+        **guide_options(cfg.get("guide"), "guide"),  # autoguidance: guide.ckpt, guide.scale
     )
     # The whole file's sha256 (about a second per GB, next to hours of sampling), before it is loaded: a
     # resumed job must not add shards of newer weights to old ones. Size and mtime would miss a copy that
     # keeps them; a hash of parts of the file would miss weights outside those parts.
     checkpoint_sha256 = content_sha256(resolve_checkpoint(cfg.ckpt, cfg.cache_dir))
+    job = {"ckpt": str(cfg.ckpt), "use_ema": cfg.use_ema}
+    if spec.guide is not None:  # the guide's weights too: a resumed job must not change its guide either
+        try:
+            job["guide_sha256"] = content_sha256(resolve_checkpoint(spec.guide, cfg.cache_dir))
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"guide.ckpt={spec.guide}: {error}") from None
     loaded = load_dit(cfg.ckpt, use_ema=cfg.use_ema, cache_dir=cfg.cache_dir)
     if cfg.vae:
         loaded.autoencoder = {**loaded.autoencoder, "pretrained": cfg.vae}
     guided = _guidance_channels(cfg.guidance_channels, loaded.guidance_channels)
     labels = [c for c in cfg.classes for _ in range(cfg.per_class)] if cfg.classes is not None else None
     name = f"{Path(cfg.ckpt).stem}-{loaded.weights}-{cfg.sampler.name}{cfg.steps}-cfg{cfg.cfg_scale}"
+    name += f"-guide{spec.guide_scale:g}-{Path(spec.guide).stem}" if spec.guide is not None else ""
     name += f"-seed{cfg.seed}-" + ("classes" if labels else str(cfg.num_samples))
     name += "-balanced" if cfg.get("labels", "uniform") == "balanced" else ""
     if rank == 0:
         print(
             f"{describe(loaded.model.config)} from {cfg.ckpt} ({loaded.source_format}, {loaded.weights} weights); "
-            f"guidance on {'all' if guided is None else guided} channels; {world_size} rank(s), {device}"
+            f"guidance on {'all' if guided is None else guided} channels"
+            + (f", autoguidance {spec.guide_scale:g} by {spec.guide}" if spec.guide is not None else "")
+            + f"; {world_size} rank(s), {device}"
         )
     written = generate(
         loaded,
@@ -398,7 +422,7 @@ def run_sample(cfg: DictConfig) -> dict[str, Path]:
         png_nrow=cfg.per_class if labels else 8,
         keep_parts=cfg.keep_parts,
         progress=cfg.progress,
-        job={"ckpt": str(cfg.ckpt), "use_ema": cfg.use_ema},
+        job=job,
         checkpoint_sha256=checkpoint_sha256,
     )
     for kind, path in written.items():

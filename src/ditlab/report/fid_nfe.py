@@ -5,7 +5,8 @@ sampling seed as `src/sample.py` does (`ImageSampler`: each image its own genera
 clipped in pixel space, uint8 images) and scores them with the TF Inception against the reference: the
 run's own (its FID callback's reference, or its datamodule's validation images, statistics cached as in
 training: `datamodule_reference`) or `ref` (an ADM .npz, an image folder, fashion_mnist_test). Its NFE is
-counted as the network runs (`Evaluations`: a guided step counts 2, dopri5 what it took). A point that
+counted as the network runs (`Evaluations`: a guided step counts 2, dopri5 what it took; autoguidance's
+guide, `guide.ckpt` with `guide.scale`, loaded once, adds 1 per guided step). A point that
 fails (a sampler that does not fit the objective, a non-finite sample) is skipped with one line and the
 sweep goes on. Writes `fid_nfe.json` (the points, the skipped ones, the settings and how it was made) and
 `fid_vs_nfe.png` into `out`.
@@ -25,8 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ditlab.cli import error_line, resolve_device
 from ditlab.diffusion import build_objective
-from ditlab.diffusion.sampling import SAMPLERS, SamplingSpec, check_fits
-from ditlab.interop.checkpoints import load_dit
+from ditlab.diffusion.sampling import SAMPLERS, SamplingSpec, check_fits, guide_options
+from ditlab.interop.checkpoints import load_dit, load_guide
 from ditlab.interop.formats import LoadedDiT, describe, resolve_checkpoint
 from ditlab.interop.generation import ImageSampler, _guidance_channels
 from ditlab.io import atomic_write, atomic_write_text, content_sha256
@@ -105,12 +106,16 @@ def fid_point(
     reference: ReferenceStats,
     device: torch.device,
     autoencoder: Any,
+    guide: torch.nn.Module | None = None,
 ) -> dict[str, Any]:
-    """The FID of `num_samples` images per sampling seed as `spec` samples them, and their NFE."""
+    """The FID of `num_samples` images per sampling seed as `spec` samples them (with `guide`, the loaded
+    guide that `spec.guide` names), and their NFE."""
     started = time.monotonic()
     fids, rows, images = {}, 0, 0
     for seed in seeds:
-        sampler = ImageSampler(loaded, replace(spec, seed=seed), device=device, autoencoder=autoencoder)
+        sampler = ImageSampler(
+            loaded, replace(spec, seed=seed), device=device, autoencoder=autoencoder, guide=guide
+        )
         metric = frechet_metric(PrecomputedFeatures(net.num_features), reference.mu, reference.sigma)
         for start in range(0, num_samples, batch_size):
             pixels, _ = sampler(range(start, min(start + batch_size, num_samples)))  # (N, H, W, 3) uint8
@@ -130,8 +135,11 @@ def fid_point(
     }
 
 
-def _check(cfg: DictConfig) -> tuple[list[str], list[int], list[int], dict[str, dict[str, Any]]]:
-    """The samplers, steps, seeds and per-sampler options, validated before the checkpoint is read."""
+def _check(
+    cfg: DictConfig,
+) -> tuple[list[str], list[int], list[int], dict[str, dict[str, Any]], dict[str, Any]]:
+    """The samplers, steps, seeds, per-sampler options and the guide (`SamplingSpec`'s `guide`,
+    `guide_scale`), validated before the checkpoint is read."""
     for module in cfg.modules or []:
         try:
             importlib.import_module(module)
@@ -165,30 +173,41 @@ def _check(cfg: DictConfig) -> tuple[list[str], list[int], list[int], dict[str, 
             SamplingSpec(name, options.get(name) or {})
         except ValueError as err:
             raise ValueError(f"sampler_options.{name}: {err}") from None
+    guide = guide_options(cfg.get("guide"), "guide")
+    SamplingSpec(**guide)  # guide.scale without guide.ckpt (or the reverse) ends here, in one line
     if cfg.ref is None and run_folder(cfg.ckpt) is None:
         raise ValueError(
             f"ref=null scores against the checkpoint's own training run, but {cfg.ckpt} is not in a run's "
             "checkpoints/ folder; give ref=<an ADM .npz | an image folder | fashion_mnist_test>"
         )
-    return lists["samplers"], lists["steps"], lists["seeds"], options
+    return lists["samplers"], lists["steps"], lists["seeds"], options, guide
 
 
 def output_folder(cfg: DictConfig) -> Path:
-    """`out`, else `<run>/fid_nfe` for a run's checkpoint, else `fid_nfe/<checkpoint name>`."""
+    """`out`, else `<run>/fid_nfe` for a run's checkpoint, else `fid_nfe/<checkpoint name>`; with a guide
+    `-guide<scale>-<its name>` added, so that an autoguided sweep does not overwrite the plain one."""
     if cfg.out:
         return Path(cfg.out)
     run = run_folder(cfg.ckpt)
-    return run / "fid_nfe" if run is not None else Path("fid_nfe") / Path(cfg.ckpt).stem
+    folder = run / "fid_nfe" if run is not None else Path("fid_nfe") / Path(cfg.ckpt).stem
+    guide = guide_options(cfg.get("guide"), "guide")
+    if guide["guide"] is not None:
+        folder = folder.with_name(f"{folder.name}-guide{guide['guide_scale']:g}-{Path(guide['guide']).stem}")
+    return folder
 
 
 def run_fid_nfe(cfg: DictConfig) -> dict[str, Path]:
     """The body of `src/fid_nfe.py`; returns the paths written (`json`, and `png` when a point succeeded)."""
-    samplers, steps, seeds, options = _check(cfg)
+    samplers, steps, seeds, options, guide_opts = _check(cfg)
     interval = None if cfg.cfg_interval is None else list(cfg.cfg_interval)
     device = resolve_device(cfg.device)
     checkpoint_sha256 = content_sha256(resolve_checkpoint(cfg.ckpt, None))
     loaded = load_dit(cfg.ckpt, use_ema=cfg.use_ema)
     objective = build_objective(loaded.diffusion)
+    guide, guide_sha256 = None, None
+    if guide_opts["guide"] is not None:  # loaded once for all points; one line when it does not fit
+        guide = load_guide(guide_opts["guide"], loaded.model.config, loaded.diffusion, map_location=device)
+        guide_sha256 = content_sha256(resolve_checkpoint(guide_opts["guide"], None))
     net = InceptionFeatures(cfg.inception).to(device)
     reference, cache_dir = reference_stats(cfg, net, device)
     autoencoder = loaded.build_autoencoder().to(device)
@@ -208,7 +227,14 @@ def run_fid_nfe(cfg: DictConfig) -> dict[str, Path]:
             where = {"sampler": name, "steps": count if SAMPLERS[name].uses_steps else None}
             try:
                 spec = SamplingSpec(
-                    name, sampler_options, count, cfg.cfg_scale, interval, guided, precision=cfg.precision
+                    name,
+                    sampler_options,
+                    count,
+                    cfg.cfg_scale,
+                    interval,
+                    guided,
+                    precision=cfg.precision,
+                    **guide_opts,
                 )
                 check_fits(spec.solver(), objective)
                 point = (
@@ -224,6 +250,7 @@ def run_fid_nfe(cfg: DictConfig) -> dict[str, Path]:
                         reference,
                         device,
                         autoencoder,
+                        guide,
                     )
                 )
             except Exception as error:  # a failing point is reported and skipped: the sweep goes on
@@ -252,6 +279,10 @@ def run_fid_nfe(cfg: DictConfig) -> dict[str, Path]:
         "cfg_scale": cfg.cfg_scale,
         "cfg_interval": interval,
         "guidance_channels": guided,
+        # Autoguidance: the guide's checkpoint (null: none), its weight, its file's sha256.
+        "guide": guide_opts["guide"],
+        "guide_scale": guide_opts["guide_scale"],
+        "guide_sha256": guide_sha256,
         "precision": cfg.precision,
         "batch_size": cfg.batch_size,
         "reference": reference.source,
@@ -266,7 +297,10 @@ def run_fid_nfe(cfg: DictConfig) -> dict[str, Path]:
     }
     written = {"json": atomic_write_text(out / JSON_FILE, json.dumps(document, indent=1) + "\n")}
     if points:
-        guidance = f"cfg {cfg.cfg_scale:g}" + (f" on [{interval[0]:g}, {interval[1]:g}]" if interval else "")
+        guidance = f"cfg {cfg.cfg_scale:g}"
+        if guide is not None:
+            guidance += f", autoguidance {guide_opts['guide_scale']:g} by {Path(guide_opts['guide']).name}"
+        guidance += f" on [{interval[0]:g}, {interval[1]:g}]" if interval else ""
         title = f"{describe(loaded.model.config)}, step {loaded.step}, {guidance}"
         label = f"FID ({cfg.num_samples} samples)"
         figure = plot_fid_vs_nfe(points, title=title, fid_label=label)

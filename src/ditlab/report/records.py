@@ -32,7 +32,7 @@ SETTINGS = (
     "params_m",  # the size, for records from before `model_config`
     "model_config",
     "fid_num_samples",
-    "fid_sampler",  # "<sampler> <steps> steps, cfg <scale>"
+    "fid_sampler",  # "<sampler> <steps> steps, cfg <scale>[, guide <w> <its file>]"
     "fid_reference",
     "fid_reference_images",
     "fid_labels",  # uniform | balanced: the label protocol

@@ -101,6 +101,8 @@ class DiTModule(L.LightningModule):
         self.register_buffer("found_inf", torch.zeros(()), persistent=False)
         self.flops_per_batch: int | None = None  # read by ditlab's Throughput callback for MFU
         self._rng_to_restore: dict[str, Any] | None = None
+        # Autoguidance's guides by path (`guide_model`): a plain dict, so no submodules, not in checkpoints.
+        self._guides: dict[str, nn.Module] = {}
 
     # ---- training ------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -235,11 +237,12 @@ class DiTModule(L.LightningModule):
         evaluations: Evaluations | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (N, C, H, W) in [-1, 1] and their labels (N,), from the EMA weights by default, as `spec`
-        says (in the trainer's precision: callers run it in its forward context).
+        says (in the trainer's precision: callers run it in its forward context; the guide too).
 
         Image k is image `indices[k]` (default k) of the job `spec.seed`: drawn from its own generator (see
         `ditlab.diffusion.sampling`), with its label from `labels` (N,) or drawn uniformly. `evaluations`
-        counts the network's evaluations (`ditlab.diffusion.sampling.Evaluations`: an FID's NFE).
+        counts the network's evaluations (`ditlab.diffusion.sampling.Evaluations`: an FID's NFE). With
+        `spec.guide`, autoguidance by that checkpoint (`guide_model`).
         """
         net = (self.ema if use_ema else self.model).eval()
         if indices is None:
@@ -254,8 +257,28 @@ class DiTModule(L.LightningModule):
             labels=labels,
             num_classes=net.num_classes,
             evaluations=evaluations,
+            guide=None if spec.guide is None else self.guide_model(spec.guide, f"{spec.key}guide.ckpt"),
         )
         return self.autoencoder.to(self.device).decode(z).clamp(-1, 1), labels
+
+    def guide_model(self, path: str, key: str = "guide.ckpt") -> nn.Module:
+        """The guide of autoguidance at `path` (a weaker checkpoint of this run's objective: an earlier one of
+        the run, a smaller model's), loaded once per path through `ditlab.interop.checkpoints.load_guide`
+        (EMA weights, eval mode, frozen; refused in one line naming `key` when its objective, input shape or
+        classes do not fit this model) and returned on the module's device in the EMA model's dtype. The
+        sampling callbacks call it in their `setup`, so that a bad guide fails before the first step."""
+        guide = self._guides.get(path)
+        if guide is None:
+            from ditlab.interop.checkpoints import load_guide
+
+            if "diffusion" not in self.info:
+                raise ValueError(
+                    f"{key}={path}: this module's info has no diffusion config (its objective) to check the "
+                    "guide against; build it with info={'diffusion': <the objective's config>, ...}"
+                )
+            guide = load_guide(path, self.model.config, self.info["diffusion"], key=key)
+            self._guides[path] = guide
+        return guide.to(device=self.device, dtype=next(self.ema.parameters()).dtype)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

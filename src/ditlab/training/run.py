@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from ditlab.cli import resolve_device, wandb_logged_in
 from ditlab.design import DesignPoint, import_registering_modules
-from ditlab.diffusion.sampling import SamplingSpec, check_fits, get_sampler
+from ditlab.diffusion.sampling import SamplingSpec, check_fits, get_sampler, guide_options
 from ditlab.registry import unknown_options
 from ditlab.training.callbacks import Checkpointing, RunRecord, SampleGrid
 from ditlab.training.checkpoint_io import AtomicCheckpointIO
@@ -68,6 +68,9 @@ def check_values(cfg: DictConfig) -> None:
         )
     for group in ("diffusion", "repa", "data", "autoencoder"):
         check_target_keys(cfg.get(group), group)
+    # Autoguidance's guide node, named as the user wrote it (the callbacks read it as callbacks.*.guide);
+    # whether the guide fits the model is checked by the callbacks' setup, before the first step.
+    SamplingSpec(**guide_options(cfg.get("guide"), "guide"))
 
 
 def check_target_keys(node: Any, key: str) -> None:
@@ -214,13 +217,16 @@ def build_module(cfg: DictConfig, point: DesignPoint, datamodule: Any, autoencod
     return module
 
 
-def check_callbacks_fit(callbacks: list[Any], objective: Any) -> None:
+def check_callbacks_fit(callbacks: list[Any], module: DiTModule, guide: str | None = None) -> None:
     """Before the first step: each sampling callback's sampler solves the run's objective (else a run would
-    fail at its first grid or FID)."""
+    fail at its first grid or FID), and the run's autoguidance guide (`guide`: guide.ckpt) fits its model,
+    named as the user wrote it (the callbacks' `setup` checks a guide of their own: callbacks.*.guide.ckpt)."""
     for callback in callbacks:
         spec = getattr(callback, "sampling", None)
         if isinstance(spec, SamplingSpec):
-            spec.resolve(objective)
+            spec.resolve(module.diffusion)
+            if spec.guide is not None and spec.guide == guide:
+                module.guide_model(guide, "guide.ckpt")  # loaded once: the callbacks find it loaded
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -251,7 +257,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for callback in callbacks:
         if isinstance(callback, RunRecord):  # the config as run: devices, precision and sampler resolved
             callback.config = OmegaConf.to_container(cfg, resolve=True)
-    check_callbacks_fit(callbacks, module.diffusion)
+    check_callbacks_fit(callbacks, module, (cfg.get("guide") or {}).get("ckpt"))
     # The checkpoint first: its on_train_end writes last.ckpt before the FID, the grids and the run record.
     callbacks.sort(key=lambda c: not isinstance(c, Checkpointing))
     isolate_ddp_children_from_sweep()

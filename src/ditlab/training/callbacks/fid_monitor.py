@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import WandbLogger
 from torch.utils.data import DataLoader, Subset
 
 from ditlab.diffusion.labels import check_label_sampling, labels_for
-from ditlab.diffusion.sampling import Evaluations, SamplingSpec
+from ditlab.diffusion.sampling import Evaluations, SamplingSpec, guide_options
 from ditlab.io import atomic_write
 from ditlab.training.callbacks.run_record import images_seen, update_run_record
 
@@ -75,6 +75,10 @@ class FIDMonitor(L.Callback):
       DINOv2 ViT-L/14) with `fd_dinov2_pretrained=false` and `fd_dinov2_encoder_kwargs` for a random,
       smaller one (tests only). Recorded as `fd_dinov2` (mean over seeds), `fd_dinov2_std`,
       `fd_dinov2_per_seed`, `fd_dinov2_network`; see `ditlab.metrics.dinov2`.
+
+    `guide` ({ckpt, scale}: the run's `guide` node by default): autoguidance by a weaker checkpoint of the
+    same objective (`DiTModule.guide_model`, checked and loaded in `setup`, before the first step), recorded
+    as `fid_guide` and `fid_guide_scale` and in `fid_sampler`.
     """
 
     def __init__(
@@ -101,6 +105,7 @@ class FIDMonitor(L.Callback):
         fd_dinov2_encoder_path: str | None = None,
         fd_dinov2_pretrained: bool = True,
         fd_dinov2_encoder_kwargs: dict[str, Any] | None = None,
+        guide: dict[str, Any] | None = None,
     ):
         for key, value, low in (("num_samples", num_samples, 2), ("batch_size", batch_size, 1)):
             if value < low:
@@ -109,7 +114,14 @@ class FIDMonitor(L.Callback):
             raise ValueError(f"callbacks.fid.every_n_steps={every_n_steps} must be ≥ 0 (0: only at the end)")
         # Validated here, before training, naming the keys as the config spells them.
         self.sampling = SamplingSpec(
-            sampler, sampler_options, steps, cfg_scale, cfg_interval, seed=seed, key="callbacks.fid."
+            sampler,
+            sampler_options,
+            steps,
+            cfg_scale,
+            cfg_interval,
+            seed=seed,
+            **guide_options(guide, "callbacks.fid.guide"),
+            key="callbacks.fid.",
         )
         self.output_dir = Path(output_dir)
         self.every_n_steps = every_n_steps
@@ -151,6 +163,8 @@ class FIDMonitor(L.Callback):
         hours and then fail."""
         if stage != "fit" or trainer.fast_dev_run:
             return
+        if self.sampling.guide is not None:
+            pl_module.guide_model(self.sampling.guide, "callbacks.fid.guide.ckpt")
         if trainer.is_global_zero:
             from ditlab.metrics.features import find_inception_torchscript
             from ditlab.metrics.reference import check_reference_source
@@ -359,6 +373,8 @@ class FIDMonitor(L.Callback):
                         "feature_network": self._net.identity,
                         "fid_labels": self.labels,
                         "fid_seeds": self.seeds,
+                        "fid_guide": self.sampling.guide,
+                        "fid_guide_scale": self.sampling.guide_scale,
                     }
                     | extra
                 )
@@ -387,7 +403,9 @@ class FIDMonitor(L.Callback):
             fid_reference=reference.source,
             fid_reference_images=reference.num_images,
             feature_network=self._net.identity,
-            fid_sampler=f"{spec.sampler} {spec.steps} steps, cfg {spec.cfg_scale}",
+            fid_sampler=spec.summary(),
+            fid_guide=spec.guide,  # autoguidance: the guide's checkpoint (null: none) and weight
+            fid_guide_scale=spec.guide_scale,
             fid_nfe=point["nfe"],
             fid_labels=self.labels,
             fid_seeds=self.seeds,
@@ -405,6 +423,5 @@ class FIDMonitor(L.Callback):
         seeds = f", seeds {self.seeds}" if several else ""
         print(
             f"[ditlab] step {trainer.global_step}: FID {shown('fid')}{fd} ({self.num_samples} EMA samples, "
-            f"{self.labels} labels{seeds}, {spec.sampler} {spec.steps} steps, cfg {spec.cfg_scale}, "
-            f"NFE {point['nfe']:g}; vs {reference.source})"
+            f"{self.labels} labels{seeds}, {spec.summary()}, NFE {point['nfe']:g}; vs {reference.source})"
         )

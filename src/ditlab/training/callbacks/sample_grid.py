@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from ditlab.diffusion.sampling import SamplingSpec
+from ditlab.diffusion.sampling import SamplingSpec, guide_options
 from ditlab.grids import grid_title, save_grid
 from ditlab.interop.formats import config_coordinates
 from ditlab.interop.generation import to_uint8_rgb
@@ -19,7 +19,9 @@ class SampleGrid(L.Callback):
     """Every `every_n_steps` and at the end of training: a grid of EMA samples with guidance, one row
     per class (`per_class` columns) labelled with the class's name, under a title naming the design point,
     the step and the sampling (`ditlab.grids.grid_image`), saved as PNG under `<output_dir>/samples/` and
-    logged to W&B."""
+    logged to W&B. `guide` ({ckpt, scale}: the run's `guide` node by default): autoguidance beside the
+    classifier-free guidance of `cfg_scale` (`DiTModule.guide_model`, checked in `setup`, before the first
+    step)."""
 
     def __init__(
         self,
@@ -33,19 +35,32 @@ class SampleGrid(L.Callback):
         cfg_interval: tuple[float, float] | None = None,
         steps: int = 50,
         seed: int = 0,
+        guide: dict[str, Any] | None = None,
     ):
         for key, value in (("per_class", per_class), ("max_classes", max_classes)):
             if value < 1:
                 raise ValueError(f"callbacks.sample_grid.{key}={value} must be ≥ 1")
         # Validated here, before training, naming the keys as the config spells them.
         self.sampling = SamplingSpec(
-            sampler, sampler_options, steps, cfg_scale, cfg_interval, seed=seed, key="callbacks.sample_grid."
+            sampler,
+            sampler_options,
+            steps,
+            cfg_scale,
+            cfg_interval,
+            seed=seed,
+            **guide_options(guide, "callbacks.sample_grid.guide"),
+            key="callbacks.sample_grid.",
         )
         self.output_dir = Path(output_dir) / "samples"
         self.every_n_steps = every_n_steps
         self.per_class = per_class
         self.max_classes = max_classes
         self.last_path: Path | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Before the first step: the guide (with one) fits the model, so a run does not fail at its first grid."""
+        if stage == "fit" and not trainer.fast_dev_run and self.sampling.guide is not None:
+            pl_module.guide_model(self.sampling.guide, "callbacks.sample_grid.guide.ckpt")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if (
@@ -73,6 +88,7 @@ class SampleGrid(L.Callback):
             sampler=self.sampling.sampler,
             steps=self.sampling.steps,
             cfg_scale=self.sampling.cfg_scale,
+            guide_scale=self.sampling.guide_scale,
         )
         self.last_path = self.output_dir / name
         grid = save_grid(
