@@ -16,6 +16,7 @@ Writes `<out>/autoguidance.json` (settings, per-seed values, how it was made), `
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -171,9 +172,7 @@ def main() -> None:
         "device": describe_device(torch.device("cpu")),
         "git": git_state(),
         "versions": versions(),
-        "command": "python experiments/autoguidance_study.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "guide")
-        + "".join(f" --guide {g}" for g in args.guide),
+        "command": " ".join(["python", *sys.argv]),
         "rows": rows,
     }
     atomic_write_text(args.out / "autoguidance.json", json.dumps(document, indent=1) + "\n")

@@ -78,3 +78,19 @@ def test_the_model_and_the_objective_come_from_the_point():
 def test_every_model_argument_of_the_point_is_the_constructors():
     taken = inspect.signature(build_dit).parameters.keys() | inspect.signature(DiT).parameters.keys()
     assert set(DesignPoint().model_arguments()) <= taken
+
+
+def test_objective_options_off_their_defaults_name_the_run():
+    """A sweep over an objective's options (the README's fixed-variance sweep, the cosine schedule) gives
+    each point its own name; the options at their defaults add nothing."""
+    assert run_name("diffusion.learn_sigma=false", "diffusion.fixed_variance=small") == (
+        "adaln_zero-DiT-Ti-p4+learn_sigma=false,fixed_variance=small"
+    )
+    assert run_name("diffusion=cosine") == "adaln_zero-DiT-Ti-p4+noise_schedule=cosine"
+    assert (
+        run_name("diffusion=sit_linear", "diffusion.logit_std=2")
+        == "adaln_zero-DiT-Ti-p4+sit_linear+logit_std=2"
+    )
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["diffusion=sit_linear", "sampler=auto"])
+    assert DesignPoint.from_config(cfg).objective_args == ""

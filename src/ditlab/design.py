@@ -54,6 +54,23 @@ def _diffusion_option(key: str, fallback: Any = None) -> Callable[[DictConfig], 
     return lambda cfg: _objective_option(_container(cfg.diffusion), key) or fallback
 
 
+def _objective_args(cfg: DictConfig) -> str:
+    """The objective's options that no other axis shows (the objective's name shows its kind and path;
+    `predict` and `time_sampling` are axes of their own) where they differ from its builder's defaults:
+    e.g. "noise_schedule=cosine,learn_sigma=false"; "" at the builder's defaults."""
+    from ditlab.diffusion import PAPER_DIFFUSION, objective_builder
+
+    options = _container(cfg.diffusion)
+    parameters = inspect.signature(objective_builder(options.get("_target_", PAPER_DIFFUSION))).parameters
+    shown = {"_target_", "path", "path_module", "predict", "time_sampling", "timestep_respacing"}
+    changed = [
+        f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+        for key, value in options.items()
+        if key not in shown and key in parameters and value != parameters[key].default
+    ]
+    return ",".join(changed)
+
+
 def _container(node: Any) -> dict[str, Any]:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
 
@@ -71,9 +88,9 @@ PAPER_AXES = ("block", "model", "patch")  # always in a run's name; the report's
 @dataclass(frozen=True)
 class DesignPoint:
     """One point of the design space: the paper's axes (the conditioning block, the size `model`, the
-    patch), the later ones (the objective with its prediction and time sampling, the position embedding,
-    norm, QK-norm, MLP, REPA's λ, the FID's sampler), each at the paper's value by default, and a user's
-    own axes (`register_axis`) in `user_axes`. `objective_options` is the objective's whole config
+    patch), the later ones (the objective with its prediction, time sampling and other options, the
+    position embedding, norm, QK-norm, MLP, REPA's λ, the FID's sampler), each at the paper's value by
+    default, and a user's own axes (`register_axis`) in `user_axes`. `objective_options` is the objective's whole config
     (`_target_` and arguments: conf/diffusion). A new axis of ditlab is one field here and its config
     group; a user's is one `register_axis` and its group."""
 
@@ -85,6 +102,7 @@ class DesignPoint:
     time_sampling: str = _axis(
         "uniform", _diffusion_option("time_sampling", "uniform")
     )  # the paper's: uniform t
+    objective_args: str = _axis("", _objective_args)  # its other options off their defaults
     pos_embed: str = _axis("sincos", group_axis("pos_embed", "sincos").read, argument="pos_embed")
     norm: str = _axis("layernorm", group_axis("norm", "layernorm").read, argument="norm")
     qk_norm: bool = _axis(False, lambda cfg: bool(cfg.qk_norm), argument="qk_norm")

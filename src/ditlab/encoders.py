@@ -54,7 +54,10 @@ def encoder_weights(
         return dict(source="local-dir", file=str(path)) if path.is_dir() else dict(file=str(path))
     import timm  # here: importing timm takes a second, and most runs need no encoder
 
-    cfg = timm.models.get_pretrained_cfg(name)
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError as error:  # an unknown pretrained tag
+        raise ValueError(f"{key}encoder={name}: {_first_line(error)}") from None
     if cfg is None:
         raise ValueError(f"{key}encoder={name} has no pretrained weights in timm {timm.__version__}")
     where = f"{key}encoder={name}: no weights at hand"

@@ -186,6 +186,7 @@ class DiffusersMultistep(Sampler):
     """
 
     scheduler_class = ""  # the diffusers class's name (imported when sampling: diffusers is slow to import)
+    stochastic = False  # a stochastic variant sets it: its step takes `variance_noise`
 
     def __init__(self, **scheduler_options: Any) -> None:
         self.options = scheduler_options
@@ -289,7 +290,6 @@ class UniPC(DiffusersMultistep):
     guidance), `final_sigmas_type`, `timestep_spacing`, `use_karras_sigmas`."""
 
     scheduler_class = "UniPCMultistepScheduler"
-    stochastic = False
 
     def __init__(
         self,
@@ -528,7 +528,7 @@ class SamplingSpec:
             object.__setattr__(self, "guide", str(self.guide))
 
     def solver(self) -> Sampler:
-        """The configured sampler (a fresh one: samplers keep per-run counters)."""
+        """The configured sampler (a fresh one: the multistep solvers keep state within a run)."""
         return get_sampler(self.sampler, **self.sampler_options)
 
     def resolve(self, objective: Objective, in_channels: int | None = None) -> "SamplingSpec":

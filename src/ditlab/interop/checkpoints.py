@@ -70,6 +70,7 @@ def load_guide(
     *,
     use_ema: bool = True,
     map_location: str | torch.device = "cpu",
+    cache_dir: str | os.PathLike | None = None,
     key: str = "guide.ckpt",
 ) -> DiT:
     """The guiding model of autoguidance (Karras et al. 2024): a weaker DiT (an earlier checkpoint of the run,
@@ -78,7 +79,7 @@ def load_guide(
     input shape and classes (`model_config`). Any format `load_dit` reads. ValueError (FileNotFoundError for
     a missing file) in one line naming `key` and what differs otherwise."""
     try:
-        guide = load_dit(path_or_name, use_ema=use_ema, map_location=map_location)
+        guide = load_dit(path_or_name, use_ema=use_ema, map_location=map_location, cache_dir=cache_dir)
         ours, theirs = normalize_diffusion(diffusion), normalize_diffusion(guide.diffusion)
     except (FileNotFoundError, ValueError) as error:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]

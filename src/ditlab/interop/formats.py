@@ -70,7 +70,7 @@ class LoadedDiT:
     "class_names"}. `guidance_channels` is the recommended number of guided ε channels: 3 for the reference's
     checkpoints (the reference evaluation's quirk, kept so its FIDs reproduce), None (all) otherwise.
     `weights` says which weights were loaded: "ema" or "model". `coordinates`: the design point of the run
-    that trained it (`ditlab.design.coordinates`), and `step`: its training step, where the file records them.
+    that trained it (`ditlab.design.DesignPoint.coordinates`), and `step`: its training step, where the file records them.
     """
 
     model: DiT

@@ -405,10 +405,14 @@ def run_sample(cfg: DictConfig) -> dict[str, Path]:
             + (f", autoguidance {spec.guide_scale:g} by {spec.guide}" if spec.guide is not None else "")
             + f"; {world_size} rank(s), {device}"
         )
+    guide = None
+    if spec.guide is not None:  # from the file hashed above (a released name: the same cache)
+        guide = load_guide(spec.guide, loaded.model.config, loaded.diffusion, cache_dir=cfg.cache_dir)
     written = generate(
         loaded,
         cfg.out or Path("samples") / name,
         replace(spec, guidance_channels=guided),
+        guide=guide,
         labels=labels,
         num_samples=cfg.num_samples,
         label_sampling=check_label_sampling(cfg.get("labels", "uniform"), "labels"),

@@ -36,6 +36,7 @@ SETTINGS = (
     "fid_reference",
     "fid_reference_images",
     "fid_labels",  # uniform | balanced: the label protocol
+    "fid_seeds",  # the sampling seeds an FID averages
     "feature_network",
 )
 BLOCK_NAMES = {

@@ -25,7 +25,7 @@ from ditlab.metrics import count_params, forward_flops
 from ditlab.models import DiT, complete_config
 from ditlab.training.schedules import linear_warmup
 
-# The coordinates (`ditlab.training.run.coordinates`) a resumed run may change: the FID's sampler scores the
+# The coordinates (`ditlab.design.DesignPoint`) a resumed run may change: the FID's sampler scores the
 # model, it is no part of the model or its training. Every other coordinate must be the checkpoint's.
 RESUME_MAY_CHANGE = ("sampler",)
 

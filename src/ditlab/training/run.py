@@ -168,9 +168,6 @@ def build_module(cfg: DictConfig, point: DesignPoint, datamodule: Any, autoencod
         num_classes=datamodule.num_classes,
     )
     diffusion = point.build_objective()
-    if cfg.sampler.name == "auto":  # the objective's own; the grid and FID callbacks read sampler.name
-        with open_dict(cfg):
-            cfg.sampler.name = diffusion.default_sampler
     check_fits(
         get_sampler(cfg.sampler.name, **(cfg.sampler.get("options") or {})), diffusion
     )  # before training
@@ -248,6 +245,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.seed = cfg.seed
     autoencoder = instantiate(cfg.autoencoder)
     point = DesignPoint.from_config(cfg)
+    if cfg.sampler.name == "auto":  # the objective's own; the grid and FID callbacks read sampler.name
+        with open_dict(cfg):
+            cfg.sampler.name = point.build_objective().default_sampler
+        point = DesignPoint.from_config(cfg)  # its `sampler` coordinate: the one that runs
     module = build_module(cfg, point, datamodule, autoencoder)
 
     hydra_cfg = HydraConfig.get()

@@ -190,20 +190,32 @@ class FIDMonitor(L.Callback):
         self._fd_prepared = True
         if self.fd_dinov2 is False:
             return False
+        from ditlab.encoders import EncoderWeightsMissing
         from ditlab.metrics.dinov2 import fd_dinov2_network
 
-        self._dinov2, why = fd_dinov2_network(
-            self.fd_dinov2,
-            self.fd_dinov2_encoder,
-            self.fd_dinov2_encoder_path,
-            key="callbacks.fid.fd_dinov2",
-            device=None if trainer is None else trainer.strategy.root_device,
-            pretrained=self.fd_dinov2_pretrained,
-            encoder_kwargs=self.fd_dinov2_encoder_kwargs,
-        )
-        ready = self._dinov2 is not None
-        if trainer is not None and trainer.world_size > 1:
+        missing = None  # `true` without weights: raised on every rank, after the ranks agree
+        try:
+            self._dinov2, why = fd_dinov2_network(
+                self.fd_dinov2,
+                self.fd_dinov2_encoder,
+                self.fd_dinov2_encoder_path,
+                key="callbacks.fid.fd_dinov2",
+                device=None if trainer is None else trainer.strategy.root_device,
+                pretrained=self.fd_dinov2_pretrained,
+                encoder_kwargs=self.fd_dinov2_encoder_kwargs,
+            )
+        except EncoderWeightsMissing as error:
+            self._dinov2, why, missing = None, None, error
+        ready, any_missing = self._dinov2 is not None, missing is not None
+        if trainer is not None and trainer.world_size > 1:  # no rank left waiting in a collective
             ready = trainer.strategy.reduce_boolean_decision(ready, all=True)
+            any_missing = trainer.strategy.reduce_boolean_decision(any_missing, all=False)
+        if missing is not None:
+            raise missing
+        if any_missing:
+            raise EncoderWeightsMissing(
+                "callbacks.fid.fd_dinov2=true, but another rank has no weights for it"
+            )
         if not ready:
             self._dinov2 = None
             if trainer is None or trainer.is_global_zero:
