@@ -94,3 +94,31 @@ def test_objective_options_off_their_defaults_name_the_run():
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=["diffusion=sit_linear", "sampler=auto"])
     assert DesignPoint.from_config(cfg).objective_args == ""
+
+
+def test_x_prediction_time_shift_and_loss_terms_name_the_run():
+    """Issue 21 §2's axes: each off its default names the run once (time_shift by its own axis, not also
+    in objective_args); the sampler's time shift, like the sampler, is a coordinate but no part of the name."""
+    sit = "adaln_zero-DiT-Ti-p4+sit_linear"
+    assert run_name("diffusion=sit_linear", "diffusion.predict=data") == sit + "+predict_data"
+    assert run_name("diffusion=sit_linear", "diffusion.predict=data", "diffusion.loss=x") == (
+        sit + "+predict_data+loss=x"
+    )
+    assert run_name("diffusion=sit_linear", "diffusion.time_shift=3") == sit + "+time_shift3"
+    assert run_name("diffusion=sit_linear", "diffusion.time_shift=1") == sit  # s = 1: today's name
+    assert run_name(
+        "loss_terms.cosine_velocity=0.1",
+        "loss_terms.dispersive=0.25",
+        "loss_term_options.dispersive.temperature=1",
+    ) == ("adaln_zero-DiT-Ti-p4+cosine_velocity0.1+dispersive0.25+dispersive.temperature=1")
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["diffusion=sit_linear", "sampler.options.time_shift=3"])
+    point = DesignPoint.from_config(cfg)
+    assert (point.sample_time_shift, point.time_shift, point.name) == (3.0, 1.0, sit)
+    assert "sample_time_shift=3.0" in point.tags()
+    assert DesignPoint().coordinates()["time_shift"] == 1.0  # the paper's point: no shift, no extra terms
+    assert (DesignPoint().cosine_velocity, DesignPoint().dispersive, DesignPoint().loss_term_args) == (
+        0.0,
+        0.0,
+        "",
+    )

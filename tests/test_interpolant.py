@@ -17,6 +17,7 @@ from ditlab.diffusion import (
     get_sampler,
     sample,
 )
+from ditlab.diffusion.interpolant import shift_time
 from ditlab.diffusion.sampling import Evaluations, seeded_generator
 
 PATH_COEFFICIENTS = {  # (α, σ, α', σ') of t, written out from the paper
@@ -74,7 +75,7 @@ def gaussian_fields(path: str, c: torch.Tensor):
 
 
 @pytest.mark.parametrize("path", PATH_COEFFICIENTS)
-@pytest.mark.parametrize("predict", ["velocity", "noise", "score"])
+@pytest.mark.parametrize("predict", ["velocity", "noise", "score", "data"])
 def test_every_prediction_converts_to_the_exact_velocity_and_score(path, predict):
     torch.manual_seed(1)
     c = torch.randn(1, 2, 3, 3, dtype=torch.float64)
@@ -83,7 +84,14 @@ def test_every_prediction_converts_to_the_exact_velocity_and_score(path, predict
     objective = Interpolant(path, predict, learn_sigma=False)
     for t in (0.2, 0.5, 0.8):
         a, s, _, _ = PATH_COEFFICIENTS[path](t)
-        out = {"velocity": velocity(x, t), "noise": (x - a * c) / s, "score": score(x, t)}[predict]
+        # data: the oracle E[x1 | x_t] = c of a point mass (σ_t > JiT's clip 0.05 at these t)
+        out = {
+            "velocity": velocity(x, t),
+            "noise": (x - a * c) / s,
+            "score": score(x, t),
+            "data": c.expand_as(x),
+        }
+        out = out[predict]
         t_batch = torch.full((4,), t, dtype=torch.float64)
         torch.testing.assert_close(
             objective.velocity(out, x, t_batch), velocity(x, t), rtol=1e-10, atol=1e-10
@@ -278,6 +286,9 @@ def test_a_sampler_of_the_other_objective_is_one_clear_error():
         ({"time_sampling": "beta"}, "diffusion.time_sampling"),
         ({"predict": "noise", "train_eps": 0.0}, "diffusion.train_eps"),
         ({"logit_std": 0.0}, "diffusion.logit_std"),
+        ({"time_shift": 0.0}, "diffusion.time_shift"),
+        ({"loss": "eps"}, "diffusion.loss"),
+        ({"predict": "data", "clip_sigma": 0.0}, "diffusion.clip_sigma"),
     ],
 )
 def test_bad_settings_name_their_key(kwargs, key):
@@ -311,3 +322,160 @@ def test_sampling_is_per_image_and_guided_flow_sampling_runs():
         num_classes=3,
     )
     torch.testing.assert_close(both[1:], second)
+
+
+# ---- x-prediction (JiT, Li & He 2025) -------------------------------------------------------------------
+
+JIT_T_EPS = 0.05  # JiT's t_eps: the velocity's division by 1 − t is by max(1 − t, 0.05)
+
+
+@pytest.mark.parametrize("path", PATH_COEFFICIENTS)
+def test_data_prediction_loss_is_jits_velocity_loss_and_x_loss_is_plain(path):
+    torch.manual_seed(7)
+    x1 = torch.randn(4, 2, 4, 4, dtype=torch.float64)
+    eps = torch.randn_like(x1)
+    t = torch.tensor([0.0, 0.3, 0.9, 0.99], dtype=torch.float64)  # 0.99: inside the clip on both paths
+    y = torch.tensor([0, 1, 2, 0])
+    velocity_loss = Interpolant(path, "data").training_losses(
+        stand_in, x1, t=t, noise=eps, model_kwargs={"y": y}
+    )
+    x_loss = Interpolant(path, "data", loss="x").training_losses(
+        stand_in, x1, t=t, noise=eps, model_kwargs={"y": y}
+    )
+    for i in range(4):
+        a, s, da, ds = PATH_COEFFICIENTS[path](float(t[i]))
+        z = a * x1[i] + s * eps[i]
+        x_hat = stand_in(z[None], t[i : i + 1], y[i : i + 1])[0, :2]
+        if path == "linear":  # JiT's own lines: v = (x − z)/max(1 − t, t_eps), v̂ = (x̂ − z)/max(1 − t, t_eps)
+            v, v_hat = ((x - z) / max(1 - float(t[i]), JIT_T_EPS) for x in (x1[i], x_hat))
+        else:  # the same conversion on GVP: ((α'σ − ασ')·x + σ'·z) / max(σ, t_eps)
+            v, v_hat = (((da * s - a * ds) * x + ds * z) / max(s, JIT_T_EPS) for x in (x1[i], x_hat))
+        if s >= JIT_T_EPS:  # outside the clip the target is the true velocity α'·x1 + σ'·ε
+            torch.testing.assert_close(v, da * x1[i] + ds * eps[i], rtol=1e-12, atol=1e-12)
+        assert float(velocity_loss["loss"][i]) == pytest.approx(float((v_hat - v).pow(2).mean()), rel=1e-12)
+        assert float(x_loss["loss"][i]) == pytest.approx(float((x_hat - x1[i]).pow(2).mean()), rel=1e-12)
+
+
+def true_outputs(path: str, x1: torch.Tensor, eps: torch.Tensor, t: float) -> tuple[torch.Tensor, dict]:
+    """x_t and what each prediction's exact model outputs there, from (x1, ε) in closed form."""
+    a, s, da, ds = PATH_COEFFICIENTS[path](t)
+    outputs = {"velocity": da * x1 + ds * eps, "noise": eps, "score": -eps / s, "data": x1}
+    return a * x1 + s * eps, outputs
+
+
+@pytest.mark.parametrize("path", PATH_COEFFICIENTS)
+@pytest.mark.parametrize("predict", ["velocity", "noise", "score", "data"])
+def test_round_trips_between_predictions(path, predict):
+    """Each prediction's exact output converts to the exact clean image, velocity and score (so any one
+    converts to any other), and the velocity/x losses of an exact model are zero."""
+    torch.manual_seed(8)
+    x1 = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    eps = torch.randn_like(x1)
+    objective = Interpolant(path, predict, learn_sigma=False)
+    for t in (0.1, 0.5, 0.9):
+        x_t, outputs = true_outputs(path, x1, eps, t)
+        t_batch = torch.full((3,), t, dtype=torch.float64)
+        out = outputs[predict]
+        torch.testing.assert_close(objective.data_prediction(out, x_t, t_batch), x1, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(
+            objective.velocity(out, x_t, t_batch), outputs["velocity"], rtol=1e-10, atol=1e-10
+        )
+        torch.testing.assert_close(
+            objective.score(out, x_t, t_batch), outputs["score"], rtol=1e-10, atol=1e-10
+        )
+    t = torch.full((3,), 0.4, dtype=torch.float64)
+
+    def exact(x, t_model):
+        return true_outputs(path, x1, eps, 0.4)[1][predict]
+
+    for loss in ("velocity", "x"):
+        losses = Interpolant(path, predict, loss=loss, learn_sigma=False).training_losses(
+            exact, x1, t=t, noise=eps
+        )
+        assert float(losses["loss"].abs().max()) < 1e-20
+
+
+@pytest.mark.parametrize("path", PATH_COEFFICIENTS)
+def test_the_clip_acts_only_near_the_data_end(path):
+    """The division by σ_t vanishes at t = 1, the *data* end in this (and JiT's) convention, not at the noise
+    end: JiT's clip changes the velocity only where σ_t < 0.05 and keeps it finite at t = 1."""
+    torch.manual_seed(9)
+    x = torch.randn(101, 1, 2, 2, dtype=torch.float64)
+    x_hat = torch.randn_like(x)
+    t = torch.linspace(0, 1, 101, dtype=torch.float64)
+    clipped = Interpolant(path, "data", learn_sigma=False).velocity(x_hat, x, t)
+    unclipped = Interpolant(path, "data", learn_sigma=False, clip_sigma=1e-300).velocity(x_hat, x, t)
+    sigma = torch.tensor([PATH_COEFFICIENTS[path](float(ti))[1] for ti in t])
+    inside = sigma < JIT_T_EPS
+    assert inside.any() and bool((t[inside] > 0.9).all())  # only the last few percent towards the data
+    torch.testing.assert_close(clipped[~inside], unclipped[~inside], rtol=0, atol=0)
+    assert bool((clipped[inside] != unclipped[inside]).any().item())
+    assert float(clipped.abs().max()) < 1e3 < 1e10 < float(unclipped[-1].abs().max())  # 1/σ at t = 1
+
+
+# ---- time shift (SD3, Esser et al. 2024; RAE, Zheng et al. 2025) -----------------------------------------
+
+
+def test_time_shift_is_sd3s_in_this_convention():
+    t = torch.linspace(0, 1, 1001, dtype=torch.float64)
+    assert shift_time(t, 1.0) is t  # s = 1: no arithmetic at all
+    for s in (0.5, 3.0, 7.0):
+        shifted = shift_time(t, s)
+        sd3 = s * (1 - t) / (1 + (s - 1) * (1 - t))  # SD3 shifts the noise fraction 1 − t
+        torch.testing.assert_close(shifted, 1 - sd3, rtol=1e-12, atol=1e-12)
+        assert float(shifted[0]) == 0.0 and float(shifted[-1]) == 1.0  # the ends stay
+        assert bool((shifted.diff() > 0).all())  # monotone
+        # The median of uniform times, 1/2, goes to 1/(1 + s): towards the noise for s > 1.
+        assert float(shift_time(torch.tensor(0.5, dtype=torch.float64), s)) == pytest.approx(
+            1 / (1 + s), rel=1e-12
+        )
+        assert bool((shifted[1:-1] < t[1:-1]).all()) == (s > 1)
+
+
+def test_training_times_shift_and_s1_is_bit_identical():
+    for kwargs in ({"predict": "velocity"}, {"predict": "noise", "time_sampling": "logit_normal"}):
+        plain = Interpolant("linear", **kwargs).sample_t(1000, torch.Generator().manual_seed(3))
+        same = Interpolant("linear", time_shift=1.0, **kwargs).sample_t(
+            1000, torch.Generator().manual_seed(3)
+        )
+        assert torch.equal(plain, same)
+        objective = Interpolant("linear", time_shift=3.0, **kwargs)
+        eps = objective.train_eps
+        u = (plain - eps) / (1 - 2 * eps)
+        shifted = objective.sample_t(1000, torch.Generator().manual_seed(3))
+        torch.testing.assert_close(shifted, eps + (1 - 2 * eps) * u / (u + 3 * (1 - u)), rtol=1e-5, atol=1e-6)
+        assert float(shifted.median()) < float(plain.median())
+
+
+def recorded_times(sampler, objective, steps):
+    times = []
+
+    def model(x, t, y):
+        times.append(float(t[0]))
+        return torch.cat([torch.zeros_like(x), torch.zeros_like(x)], dim=1)
+
+    x = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
+    sampler.run(
+        objective, model, x, steps, lambda: torch.zeros_like(x), {"y": torch.zeros(1, dtype=torch.long)}
+    )
+    return times
+
+
+def test_the_samplers_time_grid_shifts_and_s1_is_todays():
+    objective = Interpolant("linear", "noise")  # sample_eps 1e-3: the grid runs over [1e-3, 1 − 1e-3]
+    t0, t1 = objective.sample_interval()
+    u = [i / 4 for i in range(4)]
+    by_hand = [t0 + (t1 - t0) * ui / (ui + 3 * (1 - ui)) for ui in u]  # Euler's left ends, s = 3
+    assert recorded_times(get_sampler("euler", time_shift=3.0), objective, 4) == pytest.approx(
+        by_hand, abs=1e-15
+    )
+    today = torch.linspace(t0, t1, 5, dtype=torch.float64)[:-1].tolist()
+    assert recorded_times(get_sampler("euler"), objective, 4) == today  # exactly the equal steps
+    assert recorded_times(get_sampler("euler", time_shift=1.0), objective, 4) == today
+    t0, t1 = objective.sample_interval(sde=True, last_step_size=0.04)
+    sde = recorded_times(get_sampler("euler_maruyama", time_shift=3.0), objective, 4)
+    assert sde == pytest.approx([t0 + (t1 - t0) * ui / (ui + 3 * (1 - ui)) for ui in u] + [t1], abs=1e-15)
+    with pytest.raises(ValueError, match="time_shift"):
+        get_sampler("heun", time_shift=0)
+    with pytest.raises(ValueError, match="not an option of sampler dopri5"):
+        get_sampler("dopri5", time_shift=3.0)  # adaptive: no grid to shift

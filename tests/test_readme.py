@@ -28,7 +28,10 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "DDPM prediction": ("diffusion.predict", ["DDPM_PREDICTIONS"]),
     "DDPM variance": ("diffusion.fixed_variance", ["FIXED_VARIANCES"]),
     "interpolant prediction": ("diffusion.predict", ["INTERPOLANT_PREDICTIONS"]),
+    "interpolant loss": ("diffusion.loss", ["INTERPOLANT_LOSSES"]),
     "training times": ("diffusion.time_sampling", ["TIME_SAMPLINGS"]),
+    "time shift": ("diffusion.time_shift", []),  # a number, not names
+    "sampling time shift": ("sampler.options.time_shift", []),  # a number, not names
     "sampler": ("sampler", ["SAMPLERS", "conf/sampler"]),
     "guidance interval": ("cfg_interval", []),  # an interval, not names
     "autoguidance": ("guide.scale", []),  # a weight, not names
@@ -37,6 +40,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "QK-norm": ("qk_norm", ["BOOLEANS"]),
     "MLP": ("mlp", ["MLPS", "conf/mlp"]),
     "REPA": ("repa", ["conf/repa"]),
+    "extra loss terms": ("loss_terms", ["LOSS_TERMS"]),
     "data": ("data", ["conf/data"]),
     "autoencoder": ("autoencoder", ["conf/autoencoder"]),
     "optimiser": ("optim", ["conf/optim"]),
@@ -74,6 +78,7 @@ print(json.dumps({
         "DDPM_PREDICTIONS": list(gaussian_diffusion.PREDICTIONS),
         "FIXED_VARIANCES": list(gaussian_diffusion.FIXED_VARIANCES),
         "INTERPOLANT_PREDICTIONS": list(interpolant.PREDICTIONS),
+        "INTERPOLANT_LOSSES": list(interpolant.LOSSES),
         "TIME_SAMPLINGS": list(interpolant.TIME_SAMPLINGS),
         "BOOLEANS": ["false", "true"],
     },

@@ -31,12 +31,18 @@ def test_a_successor_point_trains_samples_and_records_its_coordinates(tmp_path):
         "objective": "sit_linear",
         "predict": "velocity",
         "time_sampling": "uniform",
+        "time_shift": 1.0,
+        "objective_args": "",
         "pos_embed": "sincos_rope",
         "norm": "rmsnorm",
         "qk_norm": True,
         "mlp": "swiglu",
         "repa": 0.5,
+        "cosine_velocity": 0.0,
+        "dispersive": 0.0,
+        "loss_term_args": "",
         "sampler": "euler",  # the FID's: the interpolant's default
+        "sample_time_shift": 1.0,
     }
     assert record["fid"] is not None  # sampled with the interpolant's default sampler, Euler
     assert (tmp_path / "samples" / "final.png").is_file()

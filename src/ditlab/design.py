@@ -54,21 +54,62 @@ def _diffusion_option(key: str, fallback: Any = None) -> Callable[[DictConfig], 
     return lambda cfg: _objective_option(_container(cfg.diffusion), key) or fallback
 
 
+OBJECTIVE_AXES = ("predict", "time_sampling", "time_shift")  # the objective's options with an axis each
+
+
 def _objective_args(cfg: DictConfig) -> str:
     """The objective's options that no other axis shows (the objective's name shows its kind and path;
-    `predict` and `time_sampling` are axes of their own) where they differ from its builder's defaults:
-    e.g. "noise_schedule=cosine,learn_sigma=false"; "" at the builder's defaults."""
+    `predict`, `time_sampling` and `time_shift` are axes of their own) where they differ from its
+    builder's defaults: e.g. "noise_schedule=cosine,learn_sigma=false"; "" at the builder's defaults."""
     from ditlab.diffusion import PAPER_DIFFUSION, objective_builder
 
     options = _container(cfg.diffusion)
     parameters = inspect.signature(objective_builder(options.get("_target_", PAPER_DIFFUSION))).parameters
-    shown = {"_target_", "path", "path_module", "predict", "time_sampling", "timestep_respacing"}
+    shown = {"_target_", "path", "path_module", "timestep_respacing", *OBJECTIVE_AXES}
     changed = [
         f"{key}={str(value).lower() if isinstance(value, bool) else value}"
         for key, value in options.items()
         if key not in shown and key in parameters and value != parameters[key].default
     ]
     return ",".join(changed)
+
+
+LOSS_TERM_AXES = ("cosine_velocity", "dispersive")  # ditlab's extra loss terms: an axis each (their weights)
+
+
+def _loss_term_weight(name: str) -> Callable[[DictConfig], float]:
+    return lambda cfg: float((cfg.get("loss_terms") or {}).get(name, 0.0))
+
+
+def _loss_term_args(cfg: DictConfig) -> str:
+    """The extra loss terms' settings that their weights' axes do not show: a user's term's weight and each
+    active term's options off their defaults, e.g. "dispersive.temperature=1"; "" when there are none."""
+    from ditlab.diffusion.loss_terms import LOSS_TERMS  # torch: not on `import ditlab`
+
+    weights, options = _container(cfg.get("loss_terms")), _container(cfg.get("loss_term_options"))
+    parts = []
+    for name, weight in weights.items():
+        if not weight:
+            continue
+        if name not in LOSS_TERM_AXES:
+            parts.append(f"{name}={weight:g}")
+        term_options = dict(options.get(name) or {})
+        if term_options.get("module"):
+            importlib.import_module(term_options.pop("module"))
+        parameters = inspect.signature(LOSS_TERMS[name]).parameters
+        parts += [
+            f"{name}.{key}={str(value).lower() if isinstance(value, bool) else value}"
+            for key, value in term_options.items()
+            if key in parameters and value != parameters[key].default
+        ]
+    return ",".join(parts)
+
+
+def _sample_time_shift(cfg: DictConfig) -> float:
+    """The time shift of the FID's sampler (else the run's): its `time_shift` option, 1 without one."""
+    fid = (cfg.callbacks or {}).get("fid") or {}
+    options = fid.get("sampler_options") if fid else cfg.sampler.get("options")
+    return float((options or {}).get("time_shift", 1.0))
 
 
 def _container(node: Any) -> dict[str, Any]:
@@ -88,8 +129,9 @@ PAPER_AXES = ("block", "model", "patch")  # always in a run's name; the report's
 @dataclass(frozen=True)
 class DesignPoint:
     """One point of the design space: the paper's axes (the conditioning block, the size `model`, the
-    patch), the later ones (the objective with its prediction, time sampling and other options, the
-    position embedding, norm, QK-norm, MLP, REPA's λ, the FID's sampler), each at the paper's value by
+    patch), the later ones (the objective with its prediction, time sampling and shift and other options,
+    the position embedding, norm, QK-norm, MLP, REPA's λ, the extra loss terms' weights, the FID's sampler
+    and its time shift), each at the paper's value by
     default, and a user's own axes (`register_axis`) in `user_axes`. `objective_options` is the objective's whole config
     (`_target_` and arguments: conf/diffusion). A new axis of ditlab is one field here and its config
     group; a user's is one `register_axis` and its group."""
@@ -102,17 +144,23 @@ class DesignPoint:
     time_sampling: str = _axis(
         "uniform", _diffusion_option("time_sampling", "uniform")
     )  # the paper's: uniform t
+    time_shift: float = _axis(1.0, lambda cfg: float(_diffusion_option("time_shift", 1.0)(cfg)))  # SD3's s
     objective_args: str = _axis("", _objective_args)  # its other options off their defaults
     pos_embed: str = _axis("sincos", group_axis("pos_embed", "sincos").read, argument="pos_embed")
     norm: str = _axis("layernorm", group_axis("norm", "layernorm").read, argument="norm")
     qk_norm: bool = _axis(False, lambda cfg: bool(cfg.qk_norm), argument="qk_norm")
     mlp: str = _axis("gelu", group_axis("mlp", "gelu").read, argument="mlp")
     repa: float = _axis(0.0, lambda cfg: float(cfg.repa.weight) if cfg.repa else 0.0)  # REPA's λ, 0: none
+    cosine_velocity: float = _axis(0.0, _loss_term_weight("cosine_velocity"))  # its weight, 0: none
+    dispersive: float = _axis(0.0, _loss_term_weight("dispersive"))  # its weight, 0: none
+    loss_term_args: str = _axis("", _loss_term_args)  # the terms' options off their defaults, a user's terms
     sampler: str = _axis(  # the FID's sampler, else the run's
         "ddim",
         lambda cfg: ((cfg.callbacks or {}).get("fid") or {}).get("sampler") or cfg.sampler.name,
         in_name=False,
     )
+    # The FID's sampler's time shift (sampler.options.time_shift): like the sampler, it scores a run.
+    sample_time_shift: float = _axis(1.0, _sample_time_shift, in_name=False)
     objective_options: dict[str, Any] = field(default_factory=dict, compare=False)
     user_axes: dict[str, Any] = field(default_factory=dict)
 

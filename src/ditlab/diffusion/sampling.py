@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ditlab.diffusion.gaussian_diffusion import GaussianDiffusion
 from ditlab.diffusion.guidance import cfg_model_fn, check_cfg_interval
-from ditlab.diffusion.interpolant import Interpolant
+from ditlab.diffusion.interpolant import Interpolant, check_time_shift, shift_time
 from ditlab.registry import Registry, unknown_options
 
 Objective = GaussianDiffusion | Interpolant
@@ -343,14 +343,31 @@ class FlowSampler(Sampler):
         return f
 
 
+def time_grid(
+    t0: float, t1: float, steps: int, time_shift: float = 1.0, device: torch.device | str | None = None
+) -> Tensor:
+    """`steps` + 1 float64 times from t0 to t1: equal steps, or with SD3's shift s (`shift_time`) of the
+    fraction of the way, t0 + (t1 − t0)·shift_time(i/steps, s), so that the ends stay and s > 1 takes
+    smaller steps near the noise (t0) and larger ones near the data. s = 1: torch.linspace, as before."""
+    if time_shift == 1:
+        return torch.linspace(t0, t1, steps + 1, device=device, dtype=torch.float64)
+    fraction = torch.linspace(0, 1, steps + 1, device=device, dtype=torch.float64)
+    return t0 + (t1 - t0) * shift_time(fraction, time_shift)
+
+
 class FixedStepODE(FlowSampler):
-    """The probability-flow ODE dx/dt = v(x, t) on `steps` equal steps of [t0, t1] (torchdiffeq)."""
+    """The probability-flow ODE dx/dt = v(x, t) on `steps` steps of [t0, t1] (torchdiffeq): equal ones, or
+    shifted towards the noise by `time_shift` (SD3's s; `time_grid`)."""
 
     method = ""
 
+    def __init__(self, time_shift: float = 1.0) -> None:
+        check_time_shift(time_shift, f"sampler.options.time_shift ({self.name})")
+        self.time_shift = time_shift
+
     def run(self, objective, model_fn, x, steps, noise, model_kwargs, clip_denoised=False):
         t0, t1 = objective.sample_interval()
-        grid = torch.linspace(t0, t1, steps + 1, device=x.device, dtype=torch.float64).to(x.dtype)
+        grid = time_grid(t0, t1, steps, self.time_shift, x.device).to(x.dtype)
         f = self.velocity_field(objective, model_fn, model_kwargs)
         # Steps on `grid`, states kept only at its ends (not one per step).
         options = {"grid_constructor": lambda *_: grid}
@@ -393,15 +410,22 @@ class Dopri5ODE(FlowSampler):
 @register_sampler("euler_maruyama")
 class EulerMaruyamaSDE(FlowSampler):
     """The SDE dx = (v + w·s) dt + sqrt(2w) dW, which has the ODE's marginals, by Euler–Maruyama on
-    `steps` equal steps of [t0, 1 − last_step_size], then SiT's "Mean" last step x + h·(v + w·s) without
-    noise (h = last_step_size): steps + 1 model evaluations. w(t) by `diffusion_form` and
-    `diffusion_norm` (`Interpolant.diffusion_coefficient`; SiT's sampling defaults: sigma, 1, h = 0.04)."""
+    `steps` equal steps of [t0, 1 − last_step_size] (shifted towards the noise by `time_shift`, SD3's s:
+    `time_grid`), then SiT's "Mean" last step x + h·(v + w·s) without noise (h = last_step_size): steps + 1
+    model evaluations. w(t) by `diffusion_form` and `diffusion_norm` (`Interpolant.diffusion_coefficient`;
+    SiT's sampling defaults: sigma, 1, h = 0.04)."""
 
     stochastic = True
 
     def __init__(
-        self, diffusion_form: str = "sigma", diffusion_norm: float = 1.0, last_step_size: float = 0.04
+        self,
+        diffusion_form: str = "sigma",
+        diffusion_norm: float = 1.0,
+        last_step_size: float = 0.04,
+        time_shift: float = 1.0,
     ) -> None:
+        check_time_shift(time_shift, "sampler.options.time_shift (euler_maruyama)")
+        self.time_shift = time_shift
         if not 0 <= last_step_size < 1 or diffusion_norm < 0:
             raise ValueError(
                 f"euler_maruyama: last_step_size={last_step_size} must be in [0, 1) and "
@@ -432,7 +456,7 @@ class EulerMaruyamaSDE(FlowSampler):
 
     def run(self, objective, model_fn, x, steps, noise, model_kwargs, clip_denoised=False):
         t0, t1 = objective.sample_interval(sde=True, last_step_size=self.last_step_size)
-        grid = torch.linspace(t0, t1, steps + 1, dtype=torch.float64)
+        grid = time_grid(t0, t1, steps, self.time_shift)
         n = x.shape[0]
         for t, t_next in zip(grid[:-1].tolist(), grid[1:].tolist(), strict=True):
             dt = t_next - t

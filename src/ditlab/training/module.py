@@ -12,6 +12,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 from ditlab.design import default_axes
+from ditlab.diffusion.loss_terms import LossContext, LossTerm
 from ditlab.diffusion.sampling import (
     Evaluations,
     Objective,
@@ -25,9 +26,10 @@ from ditlab.metrics import count_params, forward_flops
 from ditlab.models import DiT, complete_config
 from ditlab.training.schedules import linear_warmup
 
-# The coordinates (`ditlab.design.DesignPoint`) a resumed run may change: the FID's sampler scores the
-# model, it is no part of the model or its training. Every other coordinate must be the checkpoint's.
-RESUME_MAY_CHANGE = ("sampler",)
+# The coordinates (`ditlab.design.DesignPoint`) a resumed run may change: the FID's sampler (and its time
+# shift) scores the model, it is no part of the model or its training. Every other coordinate must be the
+# checkpoint's.
+RESUME_MAY_CHANGE = ("sampler", "sample_time_shift")
 
 
 class DiTModule(L.LightningModule):
@@ -50,6 +52,10 @@ class DiTModule(L.LightningModule):
     `repa.depth` to a frozen encoder's features of the same images, added to the loss with weight λ; its
     projector trains with the model (and is saved), its encoder stays frozen and out of checkpoints.
 
+    `loss_terms` (optional, `ditlab.diffusion.loss_terms.build_loss_terms`): {name: (weight, term)}, each
+    term's batch value added to the batch loss with its weight and logged as `train/<name>`; none (the
+    default) leaves the loss the objective's.
+
     Non-finite losses: the fused AdamW step is skipped on the device (its `found_inf` input), so no
     host sync is needed per step; the run aborts with a clear message once `max_nonfinite_steps`
     steps in a row were skipped (checked at logging steps).
@@ -66,6 +72,7 @@ class DiTModule(L.LightningModule):
         scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         ema_decay: float = 0.9999,
         repa: nn.Module | None = None,
+        loss_terms: dict[str, tuple[float, LossTerm]] | None = None,
         max_nonfinite_steps: int = 5,
         compile: bool = False,
         seed: int = 0,
@@ -92,6 +99,10 @@ class DiTModule(L.LightningModule):
         if repa is not None:
             # The tokens after block k, caught on their way through (no change to the model's forward).
             self.model.blocks[repa.depth - 1].register_forward_hook(self._catch_repa_tokens)
+        self.loss_terms = dict(loss_terms or {})
+        for _, term in self.loss_terms.values():
+            term.check(diffusion)
+            term.attach(self.model)  # after the EMA copy: its hooks stay on the trained model
         self.max_nonfinite_steps = max_nonfinite_steps
         self.compile_model = compile
         self.seed = seed
@@ -132,17 +143,29 @@ class DiTModule(L.LightningModule):
             with torch.no_grad():
                 x = self.autoencoder.encode(x)
         t, noise = self.step_noise(x)
-        losses = self.diffusion.training_losses(self.model, x, t=t, noise=noise, model_kwargs={"y": y})
+        model_fn, seen = self.model, {}
+        if self.loss_terms:  # the terms read the network's input and output of this step
+
+            def model_fn(x_t: torch.Tensor, t_model: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+                seen.update(x_t=x_t, t=t_model, out=self.model(x_t, t_model, **kwargs))
+                return seen["out"]
+
+        losses = self.diffusion.training_losses(model_fn, x, t=t, noise=noise, model_kwargs={"y": y})
         if self.repa is not None:
             losses["repa"] = self.repa.loss(self._repa_tokens, images)  # (N,)
             losses["loss"] = losses["loss"] + self.repa.weight * losses["repa"]
         loss = losses["loss"].mean()
+        if self.loss_terms:
+            context = LossContext(self.diffusion, x, noise, seen["t"], seen["x_t"], seen["out"])
+            for name, (weight, term) in self.loss_terms.items():
+                losses[name] = term(context)
+                loss = loss + weight * losses[name]
         nonfinite = ~torch.isfinite(loss)
         self.found_inf.copy_(nonfinite)  # AdamW(fused) skips its update when this is 1
         self.nonfinite_in_a_row.copy_(torch.where(nonfinite, self.nonfinite_in_a_row + 1, 0))
         self.nonfinite_total.add_(nonfinite)
         metrics = {"train/loss": loss, "train/mse": losses["mse"].mean()}
-        for term in ("vb", "repa"):
+        for term in ("vb", "repa", *self.loss_terms):
             if term in losses:
                 metrics[f"train/{term}"] = losses[term].mean()
         self.log_dict(metrics, prog_bar=True)

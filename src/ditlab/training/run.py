@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from ditlab.cli import resolve_device, wandb_logged_in
 from ditlab.design import DesignPoint, import_registering_modules
+from ditlab.diffusion.loss_terms import build_loss_terms
 from ditlab.diffusion.sampling import SamplingSpec, check_fits, get_sampler, guide_options
 from ditlab.registry import unknown_options
 from ditlab.training.callbacks import Checkpointing, RunRecord, SampleGrid
@@ -180,6 +181,10 @@ def build_module(cfg: DictConfig, point: DesignPoint, datamodule: Any, autoencod
             )
         repa = instantiate(cfg.repa, hidden_size=model.config["hidden_size"], model_depth=len(model.blocks))
         repa.check_encodes(datamodule.channels, datamodule.image_size, input_size // point.patch)
+    loss_terms = build_loss_terms(  # name → weight, and each term's options (conf/train.yaml)
+        OmegaConf.to_container(cfg.get("loss_terms") or OmegaConf.create()),
+        OmegaConf.to_container(cfg.get("loss_term_options") or OmegaConf.create()),
+    )
     info = {
         "coordinates": point.coordinates(),
         "diffusion": point.objective_options,
@@ -201,6 +206,7 @@ def build_module(cfg: DictConfig, point: DesignPoint, datamodule: Any, autoencod
         scheduler=instantiate(cfg.optim.scheduler),
         ema_decay=cfg.optim.ema_decay,
         repa=repa,
+        loss_terms=loss_terms,
         compile=cfg.compile,
         seed=cfg.seed,
         info=info,
