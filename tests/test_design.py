@@ -112,7 +112,7 @@ def test_x_prediction_time_shift_and_loss_terms_name_the_run():
         "loss_term_options.dispersive.temperature=1",
     ) == ("adaln_zero-DiT-Ti-p4+cosine_velocity0.1+dispersive0.25+dispersive.temperature=1")
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=["diffusion=sit_linear", "sampler.options.time_shift=3"])
+        cfg = compose("train", overrides=["diffusion=sit_linear", "+sampler.options.time_shift=3"])
     point = DesignPoint.from_config(cfg)
     assert (point.sample_time_shift, point.time_shift, point.name) == (3.0, 1.0, sit)
     assert "sample_time_shift=3.0" in point.tags()

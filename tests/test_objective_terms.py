@@ -160,7 +160,7 @@ def test_a_run_with_every_new_option_trains_logs_each_term_and_records_its_coord
         "diffusion=sit_linear",
         "diffusion.predict=data",
         "diffusion.time_shift=3",
-        "sampler.options.time_shift=3",
+        "+sampler.options.time_shift=3",
         "loss_terms.cosine_velocity=0.1",
         "loss_terms.dispersive=0.25",
         "loss_term_options.cosine_velocity.over=image",
