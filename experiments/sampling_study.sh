@@ -21,7 +21,7 @@ $PY src/fid_nfe.py ckpt="$RUNS/demo_ddpm/checkpoints/last.ckpt" 'samplers=[ddim,
 $PY experiments/autoguidance_study.py --ckpt "$RUNS/demo_ddpm/checkpoints/last.ckpt" \
   --guide step500="$RUNS/demo_ddpm/checkpoints/step_0000500.ckpt" \
   --guide ti8="$RUNS/demo_p8/checkpoints/last.ckpt" \
-  --cfg-scales 1 1.5 2.5 --guide-scales 2 --seeds 0 1 --num-samples 500 --out "$OUT/autoguidance"
+  --sampler dpmsolver++ --steps 10 --cfg-scales 1 1.5 2.5 --guide-scales 2 --seeds 0 1 --num-samples 500 --out "$OUT/autoguidance"
 for run in demo_ddpm demo_p8; do
   mkdir -p "$OUT/runs/$run" && cp "$RUNS/$run/results.json" "$OUT/runs/$run/"
 done
