@@ -22,6 +22,9 @@ $PY experiments/autoguidance_study.py --ckpt "$RUNS/demo_ddpm/checkpoints/last.c
   --guide step500="$RUNS/demo_ddpm/checkpoints/step_0000500.ckpt" \
   --guide ti8="$RUNS/demo_p8/checkpoints/last.ckpt" \
   --sampler dpmsolver++ --steps 10 --cfg-scales 1 1.5 2.5 --guide-scales 2 --seeds 0 1 --num-samples 500 --out "$OUT/autoguidance"
+# CFG at 4 (the demo grids' scale): whether CFG's best FID lies beyond 2.5
+$PY experiments/autoguidance_study.py --ckpt "$RUNS/demo_ddpm/checkpoints/last.ckpt" \
+  --sampler dpmsolver++ --steps 10 --cfg-scales 4 --seeds 0 1 --num-samples 500 --out "$OUT/autoguidance_cfg4"
 for run in demo_ddpm demo_p8; do
   mkdir -p "$OUT/runs/$run" && cp "$RUNS/$run/results.json" "$OUT/runs/$run/"
 done
