@@ -14,7 +14,16 @@ from ditlab.design import DesignPoint
 from test_report import sweep_jobs
 
 RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "results"
-CAMPAIGNS = sorted({path.parent.parent.name for path in RESULTS.glob("*/*/results.json")})
+# The committed campaigns run by a preset (experiment=<name>); the sampling study (results/sampling/runs/) is a
+# script's, experiments/sampling_study.sh.
+PRESETS = RESULTS.parents[1] / "conf" / "experiment"
+CAMPAIGNS = sorted(
+    {
+        path.parent.parent.name
+        for path in RESULTS.glob("*/*/results.json")
+        if (PRESETS / f"{path.parent.parent.name}.yaml").is_file()
+    }
+)
 
 # Committed runs launched with more than the preset on the command line (experiments/README.md: the one-layer
 # runs of cpu_successors).
