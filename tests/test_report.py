@@ -19,6 +19,7 @@ from PIL import Image
 from ditlab import report
 from ditlab.models import BLOCKS as REGISTERED_BLOCKS
 from ditlab.report import load_records, table4_rows, write_report
+from ditlab.report.scaling import scaling_markdown, scaling_summary
 from ditlab.report.tables import to_csv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -410,6 +411,8 @@ def test_the_committed_campaigns_still_give_their_committed_report(campaign):
         "table4.csv": to_csv(table4_rows(records)),
         "runs.md": report.runs_markdown(records),
     }
+    if (folder / "report" / "scaling.md").exists():
+        expected["scaling.md"] = scaling_markdown(scaling_summary(records))
     if (folder / "report" / "blocks.md").exists():
         expected |= {
             "blocks.md": report.block_markdown(records),
@@ -752,3 +755,42 @@ def test_the_cpu_campaign_shrunk_runs_through_a_real_multirun_and_the_report(tmp
     assert all(
         float(r["fid_min"]) <= float(r["fid"]) <= float(r["fid_max"]) and r["seeds"] == "2" for r in rows
     )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="apt-get install dataset-fashion-mnist"
+)
+def test_the_cpu_scaling_campaign_shrunk_runs_through_a_real_multirun_and_the_report(tmp_path):
+    """experiment=cpu_scaling shrunk (one seed, 2 steps, a 20-sample FID at steps 1 and 2): nine runs, one
+    per size and patch, and a report with the scaling measurements over the nine points."""
+    shrunk = [
+        "debug=tiny",
+        "optim.max_steps=2",
+        "callbacks.fid.every_n_steps=1",
+        "seed=0",
+        "logger=none",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        f"callbacks.fid.cache_dir={tmp_path / 'cache'}",
+    ]
+    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "src" / "train.py"), "-m", "experiment=cpu_scaling", *shrunk],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = load_records(tmp_path / "sweep")
+    sizes = ("DiT-Nano", "DiT-Micro", "DiT-Ti")
+    assert sorted((r.model, r.patch) for r in records) == sorted(itertools.product(sizes, (8, 4, 2)))
+    assert all(r.step == 2 and [p["step"] for p in r.fid_history] == [1, 2] for r in records)
+    proc = run_report_cli(f"runs={tmp_path / 'sweep'}", f"out={tmp_path / 'report'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    table = (tmp_path / "report" / "table4.md").read_text()
+    assert all(f"| {size} |" in table for size in sizes)
+    (group,) = json.loads((tmp_path / "report" / "scaling.json").read_text())["groups"]
+    assert len(group["points"]) == 9 and set(group["compute_to_reach"]["by_size"]) == set(sizes)
+    assert all((tmp_path / "report" / f).is_file() for f in ("fid_vs_gflops.png", "fid_vs_compute.png"))

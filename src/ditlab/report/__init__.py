@@ -13,9 +13,12 @@ protocol, ... are separate rows, labelled by what differs); `write_report` turns
                              leave Gflops unchanged: drawn by axis, not along Gflops)
     fid_vs_gflops.png        FID against forward Gflops (log x), one colour and marker per model size
     fid_vs_compute.png       FID against training compute (Gflops), one curve per point
+    scaling.json / .md       per block with three or more Gflops: FID's correlation with log Gflops (Pearson,
+                             Spearman, their spread over seeds), equal-Gflops pairs of sizes, the training
+                             compute each size needs to reach an FID; the paper's Table 4 the same way
 
-Modules: `records` (the record schema, loading, grouping), `tables`, `figures`, `wandb_report` (a W&B
-report run), `build` (the report folder and the command line `src/report.py`). The notebook
+Modules: `records` (the record schema, loading, grouping), `tables`, `figures`, `scaling`, `wandb_report`
+(a W&B report run), `build` (the report folder and the command line `src/report.py`). The notebook
 `notebooks/fid_vs_gflops.ipynb` uses the same functions.
 """
 

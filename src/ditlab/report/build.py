@@ -1,5 +1,6 @@
 """Writes a sweep's report folder; `run_report` is the body of `src/report.py`."""
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from ditlab.cli import error_line, wandb_logged_in
 from ditlab.io import atomic_write, atomic_write_text
 from ditlab.report.figures import plot_fid_by_axis, plot_fid_vs_compute, plot_fid_vs_gflops
 from ditlab.report.records import RunResult, load_records, load_wandb_records
+from ditlab.report.scaling import scaling_markdown, scaling_summary
 from ditlab.report.tables import (
     block_markdown,
     block_rows,
@@ -52,6 +54,9 @@ def write_report(records: Sequence[RunResult], out: str | Path) -> dict[str, Pat
             written["fid_by_axis.png"] = _write_png(out / "fid_by_axis.png", by_axis)
     else:
         print("[ditlab] no run has an FID yet: fid_vs_gflops.png left out")
+    if (scaling := scaling_summary(records)) is not None:
+        written["scaling.json"] = _write_text(out / "scaling.json", json.dumps(scaling, indent=2) + "\n")
+        written["scaling.md"] = _write_text(out / "scaling.md", scaling_markdown(scaling))
     if any(r.fid_history for r in records):
         written["fid_vs_compute.png"] = _write_png(out / "fid_vs_compute.png", plot_fid_vs_compute(records))
     else:
