@@ -115,7 +115,11 @@ def main() -> None:
         spec = SamplingSpec(
             args.sampler, steps=args.steps, cfg_scale=cfg_scale, guide=guide_path, guide_scale=guide_scale
         )
-        guide = None if guide_path is None else load_guide(guide_path, loaded.model.config, loaded.diffusion)
+        guide = (
+            None
+            if guide_path is None
+            else load_guide(guide_path, loaded.model.config, loaded.diffusion, autoencoder=loaded.autoencoder)
+        )
         per_seed, started = {}, time.monotonic()
         for seed in args.seeds:
             scores, x, y = score_setting(

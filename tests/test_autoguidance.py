@@ -158,7 +158,10 @@ def test_the_spec_refuses_a_scale_without_a_guide_and_a_guide_that_does_nothing(
 # Loading the guide -------------------------------------------------------------------------------------
 
 
-def write_ckpt(path: Path, diffusion: dict, seed: int = 0, **config) -> Path:
+IDENTITY = {"name": "identity", "pretrained": None, "scale_factor": 1.0}
+
+
+def write_ckpt(path: Path, diffusion: dict, seed: int = 0, autoencoder: dict = IDENTITY, **config) -> Path:
     """A ditlab checkpoint of a tiny pixel-space model (TINY with `config`'s changes), random EMA weights."""
     model = DiT(**TINY | config)
     gen = torch.Generator().manual_seed(seed)
@@ -171,7 +174,7 @@ def write_ckpt(path: Path, diffusion: dict, seed: int = 0, **config) -> Path:
         "version": 1,
         "model_config": model.config,
         "diffusion": diffusion,
-        "autoencoder": {"name": "identity", "pretrained": None, "scale_factor": 1.0},
+        "autoencoder": autoencoder,
         "data": data | {"class_names": None},
     }
     torch.save({"state_dict": state, "ditlab": header}, path)
@@ -205,6 +208,12 @@ def test_a_guide_that_does_not_fit_is_refused_in_one_line_naming_guide_ckpt(tmp_
             f"guide.ckpt={path} cannot guide this model (guide vs model: {differs})"
         )
         assert "\n" not in str(error.value)
+    mse = {"name": "sd_vae", "pretrained": "stabilityai/sd-vae-ft-mse", "scale_factor": 0.18215}
+    other_latents = write_ckpt(tmp_path / "mse.ckpt", DDPM, autoencoder=mse)  # same shapes, other latents
+    ema = mse | {"pretrained": "stabilityai/sd-vae-ft-ema"}
+    with pytest.raises(ValueError, match=r"guide vs model: autoencoder \{.*ft-mse.*\} vs \{.*ft-ema.*\}"):
+        load_guide(other_latents, model.config, DDPM, autoencoder=ema)
+    assert load_guide(other_latents, model.config, DDPM, autoencoder=mse) is not None
     with pytest.raises(
         FileNotFoundError, match=f"^guide.ckpt: checkpoint '{tmp_path}/missing.ckpt' does not exist"
     ):
@@ -325,7 +334,7 @@ def test_a_tiny_run_guided_by_a_smaller_model_records_the_guide(tmp_path):
     )
     line = (
         f"guide.ckpt={sit} cannot guide this model (guide vs model: objective sit_linear vs ddpm): the guide "
-        "must be a model of the same objective, input shape and classes"
+        "must be a model of the same objective, input shape, classes and autoencoder"
     )
     assert proc.returncode == 2 and proc.stderr.splitlines()[-1] == f"error: {line}", proc.stderr
     assert not (tmp_path / "bad" / "checkpoints").exists()

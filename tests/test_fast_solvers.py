@@ -188,6 +188,8 @@ def test_bad_options_and_objectives_fail_in_one_line():
         ("unipc", {"solver_type": "midpoint"}, "solver_type=midpoint: unipc takes bh1 | bh2"),
         ("unipc", {"solver_order": 0}, "solver_order=0"),
         ("unipc", {"predict_x0": False}, "final_sigmas_type=sigma_min"),
+        ("unipc", {"disable_corrector": 0}, r"disable_corrector=0: unipc takes a list of step indices"),
+        ("unipc", {"disable_corrector": ["first"]}, r"disable_corrector=\['first'\]"),
     ]:
         with pytest.raises(ValueError, match=match) as error:
             SamplingSpec(name, options)

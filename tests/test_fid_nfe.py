@@ -103,9 +103,9 @@ def test_the_report_shows_the_nfe_where_records_have_it(tmp_path):
 
 def test_the_figure_has_one_line_per_sampler_through_its_nfe():
     points = [
-        {"sampler": "ddim", "nfe": 10.0, "fid_by_seed": {"0": 50.0, "1": 54.0}},
-        {"sampler": "ddim", "nfe": 5.0, "fid_by_seed": {"0": 80.0, "1": 84.0}},
-        {"sampler": "unipc", "nfe": 5.0, "fid_by_seed": {"0": 60.0, "1": 62.0}},
+        {"sampler": "ddim", "nfe": 10.0, "fid_per_seed": {"0": 50.0, "1": 54.0}},
+        {"sampler": "ddim", "nfe": 5.0, "fid_per_seed": {"0": 80.0, "1": 84.0}},
+        {"sampler": "unipc", "nfe": 5.0, "fid_per_seed": {"0": 60.0, "1": 62.0}},
     ]
     ax = plot_fid_vs_nfe(points, title="t").axes[0]
     lines = {line.get_label(): line for line in ax.get_lines()}
@@ -196,10 +196,10 @@ def test_fid_against_nfe_of_a_ddpm_checkpoint(tmp_path, stub_features, capsys):
         spec = SamplingSpec("dpmsolver++", {"solver_order": 3}, 5, 2.0, seed=seed)
         images, _ = ImageSampler(loaded, spec)(range(16))
         features = StubFeatures()(images.permute(0, 3, 1, 2)).double().numpy()
-        assert point["fid_by_seed"][str(seed)] == pytest.approx(
+        assert point["fid_per_seed"][str(seed)] == pytest.approx(
             frechet_closed_form(reference, features), rel=1e-4
         )
-    assert point["fid"] == pytest.approx(np.mean(list(point["fid_by_seed"].values())))
+    assert point["fid"] == pytest.approx(np.mean(list(point["fid_per_seed"].values())))
 
 
 def test_fid_against_nfe_of_a_sit_checkpoint_and_the_run_s_own_reference(tmp_path, stub_features):

@@ -308,6 +308,13 @@ class UniPC(DiffusersMultistep):
         _choice(name, "solver_type", solver_type, ("bh1", "bh2"))
         _choice(name, "final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
         _choice(name, "timestep_spacing", timestep_spacing, ("linspace", "leading", "trailing"))
+        if isinstance(disable_corrector, str | int) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in disable_corrector
+        ):
+            raise ValueError(
+                f"sampler.options.disable_corrector={disable_corrector!r}: unipc takes a list of step indices "
+                "≥ 0, e.g. [0]"
+            )
         if not predict_x0 and final_sigmas_type == "zero":  # diffusers' last step divides by σ = 0: NaN
             raise ValueError(
                 "sampler.options.predict_x0=false: unipc's noise-prediction form cannot step to σ = 0; set "
@@ -318,7 +325,7 @@ class UniPC(DiffusersMultistep):
             predict_x0=predict_x0,
             solver_type=solver_type,
             lower_order_final=lower_order_final,
-            disable_corrector=[int(i) for i in disable_corrector],
+            disable_corrector=list(disable_corrector),
             final_sigmas_type=final_sigmas_type,
             timestep_spacing=timestep_spacing,
             use_karras_sigmas=use_karras_sigmas,

@@ -18,6 +18,7 @@ from ditlab.interop.formats import (
     build_model,
     check_weights_fit,
     load_dit_file,
+    normalize_autoencoder,
     normalize_diffusion,
     read_checkpoint,
     resolve_checkpoint,
@@ -72,11 +73,13 @@ def load_guide(
     map_location: str | torch.device = "cpu",
     cache_dir: str | os.PathLike | None = None,
     key: str = "guide.ckpt",
+    autoencoder: dict[str, Any] | None = None,
 ) -> DiT:
     """The guiding model of autoguidance (Karras et al. 2024): a weaker DiT (an earlier checkpoint of the run,
     a smaller model), in eval mode and frozen, of the same objective as the guided model (`diffusion`: its
     checkpoint header's entry or its run's diffusion config, `normalize_diffusion` reads both), with its
-    input shape and classes (`model_config`). Any format `load_dit` reads. ValueError (FileNotFoundError for
+    input shape and classes (`model_config`) and, where `autoencoder` (the guided model's header entry) is
+    given, in the same latent space. Any format `load_dit` reads. ValueError (FileNotFoundError for
     a missing file) in one line naming `key` and what differs otherwise."""
     try:
         guide = load_dit(path_or_name, use_ema=use_ema, map_location=map_location, cache_dir=cache_dir)
@@ -100,10 +103,14 @@ def load_guide(
         for name in ("input_size", "in_channels", "num_classes")
         if guide.model.config[name] != model_config[name]
     ]
+    if autoencoder is not None and (ae := normalize_autoencoder(autoencoder)) != (
+        guide_ae := normalize_autoencoder(guide.autoencoder)
+    ):  # equal shapes, other latents: e.g. SD-VAE ft-EMA against ft-MSE, or another scale factor
+        differences.append(f"autoencoder {guide_ae} vs {ae}")
     if differences:
         raise ValueError(
             f"{key}={path_or_name} cannot guide this model (guide vs model: {', '.join(differences)}): "
-            "the guide must be a model of the same objective, input shape and classes"
+            "the guide must be a model of the same objective, input shape, classes and autoencoder"
         )
     return guide.model.eval().requires_grad_(False)
 

@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -129,23 +129,31 @@ class ImageSampler:
         self.pixel_space = isinstance(self.autoencoder, IdentityAutoencoder)
         self.evaluations = Evaluations()
         if spec.guide is not None and guide is None:
-            guide = load_guide(spec.guide, model.config, loaded.diffusion, key=f"{spec.key}guide.ckpt")
+            guide = load_guide(
+                spec.guide,
+                model.config,
+                loaded.diffusion,
+                key=f"{spec.key}guide.ckpt",
+                autoencoder=loaded.autoencoder,
+            )
         self.guide = None if guide is None else guide.to(self.device).eval()
 
-    def _net(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.spec.precision == "bf16"):
-            return self.model(x, t, y).float()
+    def _in_precision(self, net: torch.nn.Module) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+        """`net` called under the spec's precision (bf16 autocast or not), its output in float32."""
 
-    def _guide_net(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.spec.precision == "bf16"):
-            return self.guide(x, t, y).float()
+        def call(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+            bf16 = self.spec.precision == "bf16"
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+                return net(x, t, y).float()
+
+        return call
 
     @torch.no_grad()
     def __call__(self, indices: Sequence[int], labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Images of `indices` with `labels` (N,), or labels drawn uniformly from each image's generator."""
         with _matmul_precision(self.spec.precision):
             z, labels = sample(
-                self._net,
+                self._in_precision(self.model),
                 self.diffusion,
                 image_generators(self.spec.seed, indices, self.device),
                 self.shape,
@@ -154,7 +162,7 @@ class ImageSampler:
                 num_classes=self.model.num_classes,
                 clip_denoised=self.pixel_space,
                 evaluations=self.evaluations,
-                guide=None if self.guide is None else self._guide_net,
+                guide=None if self.guide is None else self._in_precision(self.guide),
             )
             return to_uint8_rgb(self.autoencoder.decode(z, channels=self.channels)), labels
 
@@ -407,7 +415,13 @@ def run_sample(cfg: DictConfig) -> dict[str, Path]:
         )
     guide = None
     if spec.guide is not None:  # from the file hashed above (a released name: the same cache)
-        guide = load_guide(spec.guide, loaded.model.config, loaded.diffusion, cache_dir=cfg.cache_dir)
+        guide = load_guide(
+            spec.guide,
+            loaded.model.config,
+            loaded.diffusion,
+            cache_dir=cfg.cache_dir,
+            autoencoder=loaded.autoencoder,
+        )
     written = generate(
         loaded,
         cfg.out or Path("samples") / name,

@@ -128,8 +128,8 @@ def fid_point(
     values = list(fids.values())
     return {
         "fid": statistics.fmean(values),
-        "fid_sd": statistics.stdev(values) if len(values) > 1 else None,
-        "fid_by_seed": fids,
+        "fid_std": statistics.stdev(values) if len(values) > 1 else None,
+        "fid_per_seed": fids,
         "nfe": rows / images,
         "seconds": time.monotonic() - started,
     }
@@ -206,7 +206,13 @@ def run_fid_nfe(cfg: DictConfig) -> dict[str, Path]:
     objective = build_objective(loaded.diffusion)
     guide, guide_sha256 = None, None
     if guide_opts["guide"] is not None:  # loaded once for all points; one line when it does not fit
-        guide = load_guide(guide_opts["guide"], loaded.model.config, loaded.diffusion, map_location=device)
+        guide = load_guide(
+            guide_opts["guide"],
+            loaded.model.config,
+            loaded.diffusion,
+            map_location=device,
+            autoencoder=loaded.autoencoder,
+        )
         guide_sha256 = content_sha256(resolve_checkpoint(guide_opts["guide"], None))
     net = InceptionFeatures(cfg.inception).to(device)
     reference, cache_dir = reference_stats(cfg, net, device)
@@ -259,7 +265,7 @@ def run_fid_nfe(cfg: DictConfig) -> dict[str, Path]:
                 skipped.append(where | {"error": line})
                 continue
             points.append(point)
-            spread = f" ± {point['fid_sd']:.2f}" if point["fid_sd"] is not None else ""
+            spread = f" ± {point['fid_std']:.2f}" if point["fid_std"] is not None else ""
             print(
                 f"{name} {where['steps'] or '(adaptive)'} steps: FID {point['fid']:.2f}{spread}, "
                 f"NFE {point['nfe']:g} ({point['seconds']:.0f} s)",

@@ -207,7 +207,7 @@ def _fid_label(records: Sequence[RunResult]) -> str:
 def plot_fid_vs_nfe(points: Sequence[dict[str, Any]], title: str = "", fid_label: str = "FID") -> Figure:
     """FID against the network evaluations per image (NFE, log x) of one checkpoint's samples: one colour,
     marker and line per sampler, through its step counts. `points` are `src/fid_nfe.py`'s: `sampler`,
-    `nfe` and `fid_by_seed` (sampling seed -> FID); markers at the mean over the seeds, bars over their
+    `nfe` and `fid_per_seed` (sampling seed -> FID); markers at the mean over the seeds, bars over their
     range."""
     if not points:
         raise ValueError("no point has an FID, so there is nothing to plot against NFE")
@@ -219,11 +219,11 @@ def plot_fid_vs_nfe(points: Sequence[dict[str, Any]], title: str = "", fid_label
         line = sorted(line, key=lambda p: p["nfe"])
         colour, marker = COLOURS[(i + 1) % len(COLOURS)], MARKERS[(i + 1) % len(MARKERS)]
         x = [p["nfe"] for p in line]
-        spreads = [Spread(tuple(p["fid_by_seed"].values())) for p in line]
+        spreads = [Spread(tuple(p["fid_per_seed"].values())) for p in line]
         ax.plot(x, [s.mean for s in spreads], color=colour, marker=marker, label=sampler)
         _error_bars(ax, x, spreads, colour)
     log_x(ax, [p["nfe"] for p in points])
-    seeds = sorted({len(p["fid_by_seed"]) for p in points})
+    seeds = sorted({len(p["fid_per_seed"]) for p in points})
     note = f" (mean and range over {'/'.join(map(str, seeds))} sampling seeds)" if seeds[-1] > 1 else ""
     ax.set_xlabel("network evaluations per image (NFE; a guided step counts 2)")
     ax.set_ylabel(fid_label)

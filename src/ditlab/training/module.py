@@ -299,7 +299,13 @@ class DiTModule(L.LightningModule):
                     f"{key}={path}: this module's info has no diffusion config (its objective) to check the "
                     "guide against; build it with info={'diffusion': <the objective's config>, ...}"
                 )
-            guide = load_guide(path, self.model.config, self.info["diffusion"], key=key)
+            guide = load_guide(
+                path,
+                self.model.config,
+                self.info["diffusion"],
+                key=key,
+                autoencoder=self.info.get("autoencoder"),
+            )
             self._guides[path] = guide
         return guide.to(device=self.device, dtype=next(self.ema.parameters()).dtype)
 

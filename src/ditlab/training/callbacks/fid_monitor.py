@@ -335,18 +335,22 @@ class FIDMonitor(L.Callback):
                 references["fd_dinov2"] = self.reference_stats(trainer, pl_module.device, self._dinov2)
         per_seed: dict[str, list[float]] = {}  # "fid", "fd_dinov2": one value per sampling seed
         rows = images = 0  # the NFE over all seeds' samples
-        for seed in self.seeds:
-            features = self.sample_features(trainer, pl_module, seed)
-            if features is None:
-                print(skipped)
-                return
-            rows, images = rows + self.evaluations.rows, images + self.evaluations.images
-            for name, value in features.items():
-                if trainer.is_global_zero:
-                    ref = references[name]
-                    metric = frechet_metric(PrecomputedFeatures(value.shape[1]), ref.mu, ref.sigma)
-                    metric.update(value.double().cpu(), real=False)
-                    per_seed.setdefault(name, []).append(metric.compute().item())
+        try:
+            for seed in self.seeds:
+                features = self.sample_features(trainer, pl_module, seed)
+                if features is None:
+                    print(skipped)
+                    return
+                rows, images = rows + self.evaluations.rows, images + self.evaluations.images
+                for name, value in features.items():
+                    if trainer.is_global_zero:
+                        ref = references[name]
+                        metric = frechet_metric(PrecomputedFeatures(value.shape[1]), ref.mu, ref.sigma)
+                        metric.update(value.double().cpu(), real=False)
+                        per_seed.setdefault(name, []).append(metric.compute().item())
+        finally:
+            if self._dinov2 is not None:  # DINOv2 ViT-L's 300M weights leave the GPU between FIDs
+                self._dinov2.to("cpu")
         if not trainer.is_global_zero:
             return
         self.evaluations.rows, self.evaluations.images = rows, images
