@@ -486,6 +486,7 @@ def test_generate_is_independent_of_batches_ranks_and_interruptions(tiny_ckpt, t
     assert not (tmp_path / "b.parts").exists()
     job = json.loads((tmp_path / "b.json").read_text())
     assert (job["seed"], job["steps"], job["sampler"], job["cfg_scale"]) == (3, 4, "ddpm", 2.0)
+    assert job["nfe"] == 8  # 4 guided steps, two evaluations each
     mtime = (tmp_path / "b.npz").stat().st_mtime_ns
     assert generate(loaded, tmp_path / "b", batch_size=3, **common) == {"npz": tmp_path / "b.npz"}
     assert (tmp_path / "b.npz").stat().st_mtime_ns == mtime  # a finished job is not run again
@@ -494,12 +495,14 @@ def test_generate_is_independent_of_batches_ranks_and_interruptions(tiny_ckpt, t
     (tmp_path / "a.parts" / "00000004-00000007.npz").unlink()
     generate(loaded, tmp_path / "a", batch_size=4, **common)
     np.testing.assert_array_equal(read_npz(tmp_path / "a.npz")[0], images)
+    assert json.loads((tmp_path / "a.json").read_text())["nfe"] == 8  # the kept shard's count too
 
     for rank in (1, 0):  # two ranks (sequentially here): rank 0 assembles once all shards exist
         written = generate(loaded, tmp_path / "c", batch_size=2, rank=rank, world_size=2, **common)
     assert written == {"npz": tmp_path / "c.npz"}
     np.testing.assert_array_equal(read_npz(tmp_path / "c.npz")[0], images)
     np.testing.assert_array_equal(read_npz(tmp_path / "c.npz")[1], labels)
+    assert json.loads((tmp_path / "c.json").read_text())["nfe"] == 8
 
     generate(loaded, tmp_path / "d", batch_size=4, keep_parts=True, **common)
     with pytest.raises(ValueError, match="seed differ"):

@@ -375,6 +375,26 @@ def test_evaluate_samples_against_themselves(tmp_path):
     results = evaluate_samples(tmp_path / "samples.npz", reference, net, batch_size=9)
     assert abs(results["fid"]) < 1e-6 and abs(results["sfid"]) < 1e-6
     assert (results["precision"], results["recall"]) == (1.0, 1.0)
+    assert "nfe" not in results  # no sample.py job record beside the samples
+
+
+def test_evaluate_samples_records_the_nfe_of_sample_py_s_job(tmp_path):
+    np.savez(tmp_path / "samples.npz", arr_0=random_images(20, seed=5))
+    job = {
+        "sampler": "unipc",
+        "steps": 10,
+        "cfg_scale": 1.5,
+        "seed": 2,
+        "checkpoint_sha256": "x",
+        "nfe": 20.0,
+    }
+    (tmp_path / "samples.json").write_text(json.dumps(job))
+    net = StubFeatures()
+    reference = load_reference(tmp_path / "samples.npz", net, cache_dir=None)
+    results = evaluate_samples(tmp_path / "samples.npz", reference, net)
+    assert results["nfe"] == 20.0
+    assert results["sampling"] == {"sampler": "unipc", "steps": 10, "cfg_scale": 1.5, "seed": 2}
+    assert "NFE              20.0" in format_metrics(results)
 
 
 def test_evaluate_samples_reports_what_it_cannot_compute(tmp_path):

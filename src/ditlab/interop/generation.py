@@ -7,7 +7,8 @@ finished batch is written atomically as a shard `<out>.parts/<start>-<end>.npz`,
 with the same arguments skips finished shards. Ranks (torchrun's RANK/WORLD_SIZE) take disjoint ranges of
 batches; rank 0 waits for all shards and writes `<out>.npz` in the ADM layout (`arr_0`: N×H×W×3 uint8,
 `arr_1`: labels), streamed so that 50,000 images never sit in memory at once, a labelled PNG grid
-(`ditlab.grids`), and `<out>.json`, the job's arguments (checkpoint, guidance, sampler, seed...).
+(`ditlab.grids`), and `<out>.json`, the job's arguments (checkpoint, guidance, sampler, seed...) and the
+network evaluations per image it cost (`nfe`), which `evaluate.py` records beside the FID.
 """
 
 import contextlib
@@ -47,9 +48,22 @@ def to_uint8_rgb(images: Tensor) -> Tensor:
     return pixels.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).contiguous()
 
 
-def save_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    """Write `arr_0` (images) and `arr_1` (labels) atomically."""
-    atomic_write(path, lambda f: np.savez(f, images, labels))
+def save_npz(path: Path, images: np.ndarray, labels: np.ndarray, evaluations: int | None = None) -> None:
+    """Write `arr_0` (images) and `arr_1` (labels) atomically; a shard also keeps `arr_2`, the network
+    evaluations (batch rows) its images cost, so that a resumed job still knows its NFE."""
+    extra = [] if evaluations is None else [np.int64(evaluations)]
+    atomic_write(path, lambda f: np.savez(f, images, labels, *extra))
+
+
+def _shards_nfe(parts: list[Path], num_samples: int) -> float | None:
+    """The network evaluations per image of a job's shards (None when a shard does not record them)."""
+    rows = 0
+    for part in parts:
+        with np.load(part, allow_pickle=False) as shard:
+            if "arr_2" not in shard.files:
+                return None
+            rows += int(shard["arr_2"])
+    return rows / num_samples
 
 
 def concat_npz(path: Path, parts: list[Path]) -> tuple[int, ...]:
@@ -189,6 +203,10 @@ def _check_manifest(parts: Path, manifest: dict[str, Any]) -> None:
     _write_json(path, manifest)
 
 
+def _without_nfe(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k != "nfe"}
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(data, indent=1))
 
@@ -305,7 +323,8 @@ def generate(
     manifest = json.loads(json.dumps(manifest))  # as it reads back from <out>.json (tuples as lists)
     paths = output_paths(out)
     wanted = {kind: paths[kind] for kind, on in (("npz", npz), ("png", png)) if on}
-    finished = paths["json"].is_file() and json.loads(paths["json"].read_text()) == manifest
+    # <out>.json is the manifest and, once finished, the NFE the job cost
+    finished = paths["json"].is_file() and _without_nfe(json.loads(paths["json"].read_text())) == manifest
     if finished and all(path.is_file() for path in wanted.values()):  # this very job ran to its end
         return wanted if rank == 0 else {}
 
@@ -324,8 +343,10 @@ def generate(
         with tqdm(total=total, initial=done, unit="img", desc=desc, disable=not progress or rank != 0) as bar:
             for a, b in todo:
                 y = labels_for(label_sampling, range(a, b), num_classes)  # uniform: None, drawn per image
+                before = sample.evaluations.rows
                 images, y = sample(range(a, b), label_table[a:b] if label_table is not None else y)
-                save_npz(shard_path(a, b), images.cpu().numpy(), y.cpu().numpy())
+                rows = sample.evaluations.rows - before
+                save_npz(shard_path(a, b), images.cpu().numpy(), y.cpu().numpy(), evaluations=rows)
                 bar.update(b - a)
     if rank != 0:
         return {}
@@ -344,7 +365,8 @@ def generate(
     if png:
         count = num_samples if png_images is None else min(png_images, num_samples)
         _write_grid(paths["png"], parts, count, png_nrow, loaded, sample)
-    _write_json(paths["json"], manifest)  # after the outputs: marks the job finished
+    nfe = _shards_nfe(parts, num_samples)  # network evaluations per image (a guided step counts 2)
+    _write_json(paths["json"], manifest | {"nfe": nfe})  # after the outputs: marks the job finished
     if not keep_parts:
         shutil.rmtree(paths["parts"])
     return wanted

@@ -34,6 +34,21 @@ METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
 
 
 @torch.no_grad()
+def sampling_record(samples: str | Path) -> dict[str, Any]:
+    """How `samples` were made, from the `<stem>.json` that `sample.py` writes beside them: `nfe` (network
+    evaluations per image) and `sampling` (sampler, steps, guidance, seed); {} for other files."""
+    path = Path(samples).with_suffix(".json")
+    try:
+        job = json.loads(path.read_text())
+    except (OSError, ValueError):  # no job record (samples made elsewhere), or not one
+        return {}
+    if not isinstance(job, dict):
+        return {}
+    keys = ("sampler", "sampler_options", "steps", "cfg_scale", "cfg_interval", "guidance_channels", "seed")
+    keys += ("precision", "guide", "guide_scale")
+    return {"nfe": job.get("nfe"), "sampling": {k: job[k] for k in keys if k in job}}
+
+
 def evaluate_samples(
     samples: str | Path,
     reference: ReferenceStats,
@@ -97,6 +112,7 @@ def evaluate_samples(
         **dict.fromkeys(METRICS),
         "notes": [],
     }
+    results |= sampling_record(samples)
     results["fid"] = fid.compute().item()
     if fd is not None:
         results |= {
@@ -144,6 +160,8 @@ def format_metrics(results: dict[str, Any]) -> str:
         lines.append(f"{names.get(key, key):<16} {'n/a' if value is None else f'{value:.4f}'}")
         if key == "fid" and "fd_dinov2" in results:
             lines.append(f"{'FD-DINOv2':<16} {results['fd_dinov2']:.4f}")
+    if results.get("nfe") is not None:  # from sample.py's job record
+        lines.append(f"{'NFE':<16} {results['nfe']:.1f} network evaluations per image")
     lines += [f"note: {note}" for note in results["notes"]]
     return "\n".join(lines)
 
@@ -174,6 +192,8 @@ def summarize_sample_sets(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "reference": runs[0]["reference"],
         "feature_network": runs[0]["feature_network"],
     }
+    if all(isinstance(r.get("nfe"), float) for r in runs):
+        summary["nfe"] = statistics.fmean(r["nfe"] for r in runs)
     for key in SPREAD_METRICS:
         values = [r.get(key) for r in runs]
         if all(isinstance(v, float) and math.isfinite(v) for v in values):
