@@ -40,6 +40,10 @@ CASES = {
         ["qk_norm=maybe"],
         "error: qk_norm=maybe is out of range: it must be true or false",
     ),
+    "long_skip not a bool": (
+        ["long_skip=1"],
+        "error: long_skip=1 is out of range: it must be true or false",
+    ),
     "negative REPA weight": (
         ["repa=random_vit", "repa.weight=-1"],
         "error: repa.weight=-1 is out of range: it must be > 0",

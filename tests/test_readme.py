@@ -38,6 +38,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "position embedding": ("pos_embed", ["POS_EMBEDS", "conf/pos_embed"]),
     "norm": ("norm", ["NORMS", "conf/norm"]),
     "QK-norm": ("qk_norm", ["BOOLEANS"]),
+    "long skips": ("long_skip", ["BOOLEANS"]),
     "MLP": ("mlp", ["MLPS", "conf/mlp"]),
     "REPA": ("repa", ["conf/repa"]),
     "extra loss terms": ("loss_terms", ["LOSS_TERMS"]),

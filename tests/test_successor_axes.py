@@ -37,6 +37,7 @@ def test_a_successor_point_trains_samples_and_records_its_coordinates(tmp_path):
         "norm": "rmsnorm",
         "qk_norm": True,
         "mlp": "swiglu",
+        "long_skip": False,
         "repa": 0.5,
         "cosine_velocity": 0.0,
         "dispersive": 0.0,

@@ -130,8 +130,8 @@ PAPER_AXES = ("block", "model", "patch")  # always in a run's name; the report's
 class DesignPoint:
     """One point of the design space: the paper's axes (the conditioning block, the size `model`, the
     patch), the later ones (the objective with its prediction, time sampling and shift and other options,
-    the position embedding, norm, QK-norm, MLP, REPA's λ, the extra loss terms' weights, the FID's sampler
-    and its time shift), each at the paper's value by
+    the position embedding, norm, QK-norm, MLP, U-ViT's long skips, REPA's λ, the extra loss terms'
+    weights, the FID's sampler and its time shift), each at the paper's value by
     default, and a user's own axes (`register_axis`) in `user_axes`. `objective_options` is the objective's whole config
     (`_target_` and arguments: conf/diffusion). A new axis of ditlab is one field here and its config
     group; a user's is one `register_axis` and its group."""
@@ -150,6 +150,7 @@ class DesignPoint:
     norm: str = _axis("layernorm", group_axis("norm", "layernorm").read, argument="norm")
     qk_norm: bool = _axis(False, lambda cfg: bool(cfg.qk_norm), argument="qk_norm")
     mlp: str = _axis("gelu", group_axis("mlp", "gelu").read, argument="mlp")
+    long_skip: bool = _axis(False, lambda cfg: bool(cfg.long_skip), argument="long_skip")  # U-ViT's skips
     repa: float = _axis(0.0, lambda cfg: float(cfg.repa.weight) if cfg.repa else 0.0)  # REPA's λ, 0: none
     cosine_velocity: float = _axis(0.0, _loss_term_weight("cosine_velocity"))  # its weight, 0: none
     dispersive: float = _axis(0.0, _loss_term_weight("dispersive"))  # its weight, 0: none

@@ -66,11 +66,9 @@ def _check_exportable(model: DiT) -> None:
         raise ValueError(
             f"diffusers' DiTTransformer2DModel implements only adaLN-Zero; this model is {describe(config)}"
         )
-    layers = {
-        k: config.get(k, v)
-        for k, v in (("pos_embed", "sincos"), ("norm", "layernorm"), ("qk_norm", False), ("mlp", "gelu"))
-    }
-    if layers != {"pos_embed": "sincos", "norm": "layernorm", "qk_norm": False, "mlp": "gelu"}:
+    paper = {"pos_embed": "sincos", "norm": "layernorm", "qk_norm": False, "mlp": "gelu", "long_skip": False}
+    layers = {k: config.get(k, v) for k, v in paper.items()}
+    if layers != paper:
         raise ValueError(f"diffusers' DiT has the paper's layers; this model has {layers}")
     if config["mlp_ratio"] != 4.0:
         raise ValueError(f"diffusers' DiT has MLP ratio 4; this model has {config['mlp_ratio']}")

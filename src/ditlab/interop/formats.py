@@ -157,6 +157,7 @@ def _shape_config(state_dict: dict[str, Tensor]) -> dict[str, Any]:
         mlp_ratio=fc1.shape[0] / hidden if fc1 is not None else 4.0,
         num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,  # row num_classes: null
         learn_sigma=out_channels == 2 * in_channels,
+        long_skip=any(k.startswith("long_skips.") for k in state_dict),  # U-ViT's: absent in the paper's
         class_dropout_prob=0.1,  # not in the weights: the paper's
     )
 
@@ -171,8 +172,9 @@ def identify(state_dict: dict[str, Tensor]) -> dict[str, Any]:
     tell: `num_heads` (no shape depends on it) comes from the size table, None for other sizes.
 
     Depth from the block count, hidden size, channels and patch from the patch conv, input size from the
-    position table, classes from the label table (rows − 1), learn_sigma from the final layer; the block
-    type is the registered one whose parameters match. Raises ValueError when none does.
+    position table, classes from the label table (rows − 1), learn_sigma from the final layer, long_skip
+    from U-ViT's skip projections; the block type is the registered one whose parameters match. Raises
+    ValueError when none does.
     """
     config = _shape_config(state_dict)
     size = next(

@@ -2,7 +2,8 @@
 
 State-dict keys of `adaln_zero` models are those of the reference implementation, so released
 checkpoints (DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt) load with strict=True. The LightningDiT axes
-(`pos_embed`, `norm`, `qk_norm`, `mlp`) default to the paper's choices, which leave the model unchanged.
+(`pos_embed`, `norm`, `qk_norm`, `mlp`) and U-ViT's long skips (`long_skip`) default to the paper's
+choices, which leave the model unchanged.
 """
 
 import inspect
@@ -76,6 +77,13 @@ class DiT(nn.Module):
     every self-attention) | "sincos_rope" (both, LightningDiT's); `norm` "layernorm" | "rmsnorm" for every
     norm of the blocks and the final layer; `qk_norm` a norm on each head's q and k; `mlp` "gelu" |
     "swiglu". Registries: `POS_EMBEDS`, `NORMS`, `MLPS`.
+
+    `long_skip` (U-ViT, Bao et al. 2023): the output of block i < depth//2 is concatenated with the input of
+    block depth−1−i along the channels and projected back by `long_skips[i]`, a Linear(2d → d), over every
+    token the block sees (in-context's t and y tokens too, as in U-ViT); with an odd depth the middle block
+    takes none. Each projection starts as [I | 0]: the block sees its plain input, so at init the model
+    computes what the same weights compute without long skips (adaLN-Zero's trunk stays the identity), and
+    the skip half of the weight is learnt from there (its gradient is the block input's times the skip).
     """
 
     def __init__(
@@ -96,6 +104,7 @@ class DiT(nn.Module):
         norm: str = "layernorm",
         qk_norm: bool = False,
         mlp: str = "gelu",
+        long_skip: bool = False,
         gradient_checkpointing: bool = False,
     ):
         # The constructor's arguments, captured once (saved in checkpoints; a training setting is not).
@@ -153,6 +162,10 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(
             block_cls(hidden_size, num_heads, mlp_ratio, **block_kwargs) for _ in range(depth)
         )
+        # Empty without long skips: no state-dict keys, and the forward loop below skips no block.
+        self.long_skips = nn.ModuleList(
+            nn.Linear(2 * hidden_size, hidden_size) for _ in range(depth // 2 if long_skip else 0)
+        )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, options)
         self.initialize_weights()
 
@@ -171,6 +184,8 @@ class DiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for block in self.blocks:
             block.initialize_weights()
+        for skip in self.long_skips:  # [I | 0]: the block's plain input (see the class docstring)
+            nn.init.eye_(skip.weight)  # eye_ of a (d, 2d) matrix: the identity on the first d inputs
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -206,11 +221,17 @@ class DiT(nn.Module):
         tokens, cond = self.block_cls.condition(tokens, t_emb, y_emb)
         # Blocks without a rotary embedding are called as (tokens, cond): a user's block may not take `rope`.
         rope = () if self.rotary is None else (self.rope(tokens.shape[1], tokens.dtype, tokens.device),)
-        for block in self.blocks:
+        # U-ViT's long skips (none by default): the first half's outputs, fused last-in first-out.
+        depth, num_skips, skipped = len(self.blocks), len(self.long_skips), []
+        for i, block in enumerate(self.blocks):
+            if i >= depth - num_skips:  # skipped[-1] is block depth−1−i's output
+                tokens = self.long_skips[depth - 1 - i](torch.cat([tokens, skipped.pop()], dim=-1))
             if self.gradient_checkpointing and self.training:
                 tokens = checkpoint(block, tokens, cond, *rope, use_reentrant=False)
             else:
                 tokens = block(tokens, cond, *rope)
+            if i < num_skips:
+                skipped.append(tokens)
         tokens = self.final_layer(tokens[:, : self.num_patches], t_emb + y_emb)  # drop in-context tokens
         return self.unpatchify(tokens)
 
@@ -257,8 +278,8 @@ def build_dit(
     """Build one point of the design space: `build_dit("DiT-B/4", "adaln")`.
 
     `depth` overrides the size's number of blocks (for depth ablations and fast tests). Extra keyword
-    arguments (mlp_ratio, class_dropout_prob, pos_embed, norm, qk_norm, mlp, gradient_checkpointing) go to
-    `DiT`.
+    arguments (mlp_ratio, class_dropout_prob, pos_embed, norm, qk_norm, mlp, long_skip,
+    gradient_checkpointing) go to `DiT`.
     """
     size, patch_size = parse_model_name(name, patch_size)
     return DiT(

@@ -63,6 +63,7 @@ def check_values(cfg: DictConfig) -> None:
     max_steps = cfg.trainer.max_steps
     need(isinstance(max_steps, int) and max_steps >= 1, "trainer.max_steps", max_steps, "a whole number ≥ 1")
     need(isinstance(cfg.qk_norm, bool), "qk_norm", cfg.qk_norm, "true or false")
+    need(isinstance(cfg.long_skip, bool), "long_skip", cfg.long_skip, "true or false")
     if cfg.repa:
         need(
             cfg.repa.weight > 0, "repa.weight", cfg.repa.weight, "> 0 (REPA's λ: 0.5); repa=none turns it off"
