@@ -187,9 +187,16 @@ class DesignPoint:
 
     def model_arguments(self) -> dict[str, Any]:
         """The DiT constructor's arguments that this point fixes (`ditlab.models.build_dit`): its size, block,
-        patch and layer axes, and the output channels the objective needs (`learn_sigma`)."""
+        patch and layer axes, and what the objective needs of the model: its output channels (`learn_sigma`)
+        and a second time input (`second_time`: an objective class that sets it, MeanFlow's)."""
+        from ditlab.diffusion import PAPER_DIFFUSION, objective_builder
+
         arguments = {argument: getattr(self, axis) for axis, argument in self.model_axes().items()}
-        return arguments | {"learn_sigma": bool(_objective_option(self.objective_options, "learn_sigma"))}
+        builder = objective_builder(self.objective_options.get("_target_", PAPER_DIFFUSION))
+        return arguments | {
+            "learn_sigma": bool(_objective_option(self.objective_options, "learn_sigma")),
+            "second_time": bool(getattr(builder, "second_time", False)),
+        }
 
     @classmethod
     def model_axes(cls) -> dict[str, str]:
@@ -197,7 +204,8 @@ class DesignPoint:
         return {f.name: f.metadata["argument"] for f in fields(cls) if f.metadata.get("argument")}
 
     def build_objective(self) -> Any:
-        """The objective (a `GaussianDiffusion` or `Interpolant`, or a user's) that this point trains."""
+        """The objective (a `GaussianDiffusion`, `Interpolant` or `MeanFlow`, or a user's) that this point
+        trains."""
         from ditlab.diffusion import build_objective
 
         return build_objective(self.objective_options)

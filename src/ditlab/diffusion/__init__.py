@@ -1,5 +1,5 @@
-"""The objectives and samplers: the paper's Gaussian diffusion (schedules, DDPM/DDIM) and SiT's interpolant
-(ODE/SDE samplers), guidance, sampling."""
+"""The objectives and samplers: the paper's Gaussian diffusion (schedules, DDPM/DDIM), SiT's interpolant
+(ODE/SDE samplers) and MeanFlow (one-step sampling), guidance, sampling."""
 
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +12,7 @@ from ditlab.diffusion.gaussian_diffusion import (
 )
 from ditlab.diffusion.guidance import cfg_model_fn
 from ditlab.diffusion.interpolant import PATHS, Interpolant, InterpolantPath, register_path
+from ditlab.diffusion.meanflow import MeanFlow
 from ditlab.diffusion.sampling import (
     SAMPLERS,
     Objective,
@@ -32,6 +33,7 @@ __all__ = [
     "GaussianDiffusion",
     "Interpolant",
     "InterpolantPath",
+    "MeanFlow",
     "Objective",
     "Sampler",
     "SamplingSpec",
@@ -84,7 +86,7 @@ def create_diffusion(
 # sample.py and export find it through its `_target_` (`objective_builder`). An objective declares its time
 # convention by `data_fraction(t)` (0 the noise, 1 the data) and may name its coordinate (`coordinate`).
 OBJECTIVES: Registry[Callable[..., Objective]] = Registry(
-    "objective", {"ddpm": create_diffusion, "interpolant": Interpolant}
+    "objective", {"ddpm": create_diffusion, "interpolant": Interpolant, "meanflow": MeanFlow}
 )
 register_objective = OBJECTIVES.register
 PAPER_DIFFUSION = "ditlab.diffusion.create_diffusion"  # the `_target_` of the paper's objective

@@ -32,16 +32,18 @@ def check_cfg_interval(interval: Any, key: str = "cfg_interval") -> tuple[float,
 
 
 def cfg_model_fn(
-    model: Callable[[Tensor, Tensor, Tensor], Tensor],
+    model: Callable[..., Tensor],
     cfg_scale: float,
     null_class: int,
     guidance_channels: int | None = None,
     interval: tuple[float, float] | None = None,
     data_fraction: Callable[[Tensor], Tensor] | None = None,
-    guide: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
+    guide: Callable[..., Tensor] | None = None,
     guide_scale: float = 1.0,
-) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-    """Wrap a class-conditional `model(x, t, y)` into a guided one with the same signature.
+) -> Callable[..., Tensor]:
+    """Wrap a class-conditional `model(x, t, y)` into a guided one with the same signature. Keyword tensors
+    beyond (x, t, y), one row per image (MeanFlow's second time `r`), go to the model and the guide with
+    their rows: doubled with the batch for classifier-free guidance.
 
     Classifier-free guidance: the returned `(x, t, y) -> out` runs the model once on [x, x], [t, t],
     [y, null_class] and returns, for x (N, C, ...), an output of the model's shape (N, C or 2C, ...) whose
@@ -70,24 +72,26 @@ def cfg_model_fn(
     interval = check_cfg_interval(interval)
     autoguided = guide is not None and guide_scale != 1
 
-    def guided(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+    def guided(x: Tensor, t: Tensor, y: Tensor, **kwargs: Tensor) -> Tensor:
         f = t if data_fraction is None else data_fraction(t)
         inside = None if interval is None else (f >= interval[0]) & (f <= interval[1])  # (N,)
         if (cfg_scale == 1 and not autoguided) or (inside is not None and not bool(inside.any())):
-            return model(x, t, y)
+            return model(x, t, y, **kwargs)
         channels = x.shape[1] if guidance_channels is None else guidance_channels
         if not 1 <= channels <= x.shape[1]:
             raise ValueError(
                 f"guidance_channels={guidance_channels} must be in [1, {x.shape[1]}] for this data"
             )
         if cfg_scale != 1:
-            out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_class)]))
+            doubled = {key: torch.cat([value, value]) for key, value in kwargs.items()}
+            null = torch.full_like(y, null_class)
+            out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), **doubled)
             cond, uncond = out.chunk(2)
             eps = uncond[:, :channels] + cfg_scale * (cond[:, :channels] - uncond[:, :channels])
         else:
-            cond = model(x, t, y)
+            cond = model(x, t, y, **kwargs)
         if autoguided:
-            weak = guide(x, t, y)[:, :channels].to(cond.dtype)
+            weak = guide(x, t, y, **kwargs)[:, :channels].to(cond.dtype)
             if cfg_scale != 1:
                 eps = eps + (guide_scale - 1) * (cond[:, :channels] - weak)
             else:

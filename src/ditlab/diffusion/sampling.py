@@ -7,7 +7,7 @@ step's noise come from it, so image i is the same whatever the batch size or the
 
 A sampler is a registered class (`@register_sampler("name")`, from any module) that solves one kind of
 objective (`objective`): the paper's `GaussianDiffusion` (ddpm, ddim; dpmsolver++ and unipc, diffusers'
-multistep solvers) or SiT's `Interpolant` (euler, heun, dopri5, euler_maruyama).
+multistep solvers), SiT's `Interpolant` (euler, heun, dopri5, euler_maruyama) or `MeanFlow` (meanflow).
 `run(objective, model_fn, x, steps, noise, model_kwargs, clip_denoised)` takes the starting noise x to a
 sample; `noise()` draws the next per-image noise. For a Gaussian diffusion the
 default `run` walks the respaced process of
@@ -18,6 +18,7 @@ so that a new diffusion sampler defines only those two. `Evaluations` counts the
 (NFE) of any sampler, as the network runs (`sample(..., evaluations=...)`).
 """
 
+import itertools
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -31,9 +32,10 @@ from torch import Tensor
 from ditlab.diffusion.gaussian_diffusion import GaussianDiffusion
 from ditlab.diffusion.guidance import cfg_model_fn, check_cfg_interval
 from ditlab.diffusion.interpolant import Interpolant, check_time_shift, shift_time
+from ditlab.diffusion.meanflow import MeanFlow
 from ditlab.registry import Registry, unknown_options
 
-Objective = GaussianDiffusion | Interpolant
+Objective = GaussianDiffusion | Interpolant | MeanFlow
 
 SEED_STRIDE = 1_000_003  # image i of seed s draws from seed s·SEED_STRIDE + i: streams of seeds stay apart
 ModelFn = Callable[..., Tensor]
@@ -477,9 +479,32 @@ class EulerMaruyamaSDE(FlowSampler):
         return x
 
 
+@register_sampler("meanflow")
+class MeanFlowSampler(Sampler):
+    """MeanFlow's sampler (`ditlab.diffusion.meanflow`): `steps` equal steps of [0, 1] from the noise to the
+    data, each z_r = z_t + (r − t)·u(z_t, t, r) with one network evaluation (the model called with its
+    second time, `r=`); steps=1 is the paper's one-step generation. Deterministic: the only noise is the
+    starting one. Classifier-free guidance, where asked, is the plain one on u (`cfg_model_fn`), not the
+    paper's guidance trained into the target."""
+
+    objective = MeanFlow
+    stochastic = False
+
+    def run(self, objective, model_fn, x, steps, noise, model_kwargs, clip_denoised=False):
+        grid = torch.linspace(0, 1, steps + 1, dtype=torch.float64).tolist()
+        n = x.shape[0]
+        for t, r in itertools.pairwise(grid):
+            t_batch = torch.full((n,), t, device=x.device, dtype=x.dtype)
+            r_batch = torch.full((n,), r, device=x.device, dtype=x.dtype)
+            u = model_fn(x, t_batch, r=r_batch, **model_kwargs)
+            objective.check_output(u, x)
+            x = x + (r - t) * u.to(x.dtype)
+        return x
+
+
 def check_fits(solver: Sampler, objective: Objective, key: str = "sampler") -> None:
     """ValueError, naming the config `key` that chose `solver`, unless it samples `objective`'s kind (a
-    Gaussian diffusion or an interpolant) and, as configured, can sample it (`Sampler.check`)."""
+    Gaussian diffusion, an interpolant or MeanFlow) and, as configured, can sample it (`Sampler.check`)."""
     if not isinstance(objective, solver.objective):
         fitting = [name for name, cls in SAMPLERS.items() if isinstance(objective, cls.objective)]
         raise ValueError(

@@ -30,6 +30,7 @@ from diffusers import (
 )
 
 from ditlab.autoencoders import load_autoencoder_kl
+from ditlab.diffusion import objective_name
 from ditlab.diffusion.sampling import DIFFUSERS_PREDICTION
 from ditlab.interop.formats import (
     SD_VAE_SCALE,
@@ -66,7 +67,14 @@ def _check_exportable(model: DiT) -> None:
         raise ValueError(
             f"diffusers' DiTTransformer2DModel implements only adaLN-Zero; this model is {describe(config)}"
         )
-    paper = {"pos_embed": "sincos", "norm": "layernorm", "qk_norm": False, "mlp": "gelu", "long_skip": False}
+    paper = {
+        "pos_embed": "sincos",
+        "norm": "layernorm",
+        "qk_norm": False,
+        "mlp": "gelu",
+        "long_skip": False,
+        "second_time": False,
+    }
     layers = {k: config.get(k, v) for k, v in paper.items()}
     if layers != paper:
         raise ValueError(f"diffusers' DiT has the paper's layers; this model has {layers}")
@@ -311,10 +319,11 @@ def export_diffusers(
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty folder; choose a new folder or delete it")
-    if "_target_" in loaded.diffusion:  # SiT's interpolant: no DiTPipeline scheduler samples it
+    if "_target_" in loaded.diffusion:  # SiT's interpolant, MeanFlow: no DiTPipeline scheduler samples them
         raise ValueError(
-            "diffusers export covers the paper's diffusion; this model trains SiT's interpolant: export "
-            "safetensors instead (src/export.py safetensors=model.safetensors) and sample with src/sample.py"
+            "diffusers export covers the paper's diffusion; this model trains "
+            f"{objective_name(loaded.diffusion)}: export safetensors instead (src/export.py "
+            "safetensors=model.safetensors) and sample with src/sample.py"
         )
     transformer = to_diffusers(loaded.model)
     sched = make_scheduler(loaded.diffusion, scheduler)

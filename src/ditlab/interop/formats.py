@@ -158,6 +158,7 @@ def _shape_config(state_dict: dict[str, Tensor]) -> dict[str, Any]:
         num_classes=state_dict["y_embedder.embedding_table.weight"].shape[0] - 1,  # row num_classes: null
         learn_sigma=out_channels == 2 * in_channels,
         long_skip=any(k.startswith("long_skips.") for k in state_dict),  # U-ViT's: absent in the paper's
+        second_time=any(k.startswith("r_embedder.") for k in state_dict),  # MeanFlow's: absent in the paper's
         class_dropout_prob=0.1,  # not in the weights: the paper's
     )
 
@@ -173,8 +174,8 @@ def identify(state_dict: dict[str, Tensor]) -> dict[str, Any]:
 
     Depth from the block count, hidden size, channels and patch from the patch conv, input size from the
     position table, classes from the label table (rows − 1), learn_sigma from the final layer, long_skip
-    from U-ViT's skip projections; the block type is the registered one whose parameters match. Raises
-    ValueError when none does.
+    from U-ViT's skip projections, second_time from MeanFlow's interval embedder; the block type is the
+    registered one whose parameters match. Raises ValueError when none does.
     """
     config = _shape_config(state_dict)
     size = next(
@@ -486,8 +487,11 @@ def load_dit_file(
         config, declared = dict(expect), "you asked for"
     model = build_model(config, state_dict, declared, str(path)).to(map_location)
     diffusion = normalize_diffusion(meta["diffusion"])
-    if diffusion["learn_sigma"] != model.learn_sigma:
-        raise ValueError(f"{path}: the diffusion has learn_sigma={diffusion['learn_sigma']}, the model not")
+    # An objective without the option (MeanFlow's) trains a model without the variance channels, as
+    # `DesignPoint.model_arguments` builds it.
+    learn_sigma = bool(diffusion.get("learn_sigma", False))
+    if learn_sigma != model.learn_sigma:
+        raise ValueError(f"{path}: the diffusion has learn_sigma={learn_sigma}, the model not")
     return LoadedDiT(
         model=model,
         source_format=meta["source_format"],

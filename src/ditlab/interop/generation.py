@@ -152,13 +152,14 @@ class ImageSampler:
             )
         self.guide = None if guide is None else guide.to(self.device).eval()
 
-    def _in_precision(self, net: torch.nn.Module) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-        """`net` called under the spec's precision (bf16 autocast or not), its output in float32."""
+    def _in_precision(self, net: torch.nn.Module) -> Callable[..., Tensor]:
+        """`net` called under the spec's precision (bf16 autocast or not), its output in float32; keyword
+        tensors beyond (x, t, y) (MeanFlow's second time r) passed on."""
 
-        def call(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        def call(x: Tensor, t: Tensor, y: Tensor, **kwargs: Tensor) -> Tensor:
             bf16 = self.spec.precision == "bf16"
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-                return net(x, t, y).float()
+                return net(x, t, y, **kwargs).float()
 
         return call
 

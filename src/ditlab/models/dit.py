@@ -84,6 +84,14 @@ class DiT(nn.Module):
     takes none. Each projection starts as [I | 0]: the block sees its plain input, so at init the model
     computes what the same weights compute without long skips (adaLN-Zero's trunk stays the identity), and
     the skip half of the weight is learnt from there (its gradient is the block input's times the skip).
+
+    `second_time` (MeanFlow's, Geng et al. 2025): the model is given a second time, the end r of the
+    interval [t, r] that its output averages the velocity over (`ditlab.diffusion.meanflow`), as
+    `forward(..., r=r)`. A second `TimestepEmbedder` (`r_embedder`) embeds the interval r − t and adds it to
+    the time embedding, so that every block and the final layer see c = t_emb(t) + r_emb(r − t) + y_emb:
+    the paper's (t, t − r) conditioning, its interval t − r being r − t in ditlab's time (t = 0 the noise).
+    Without r the interval is 0 (the instantaneous velocity). `False`, the default, is the paper's DiT with
+    the same state-dict keys and outputs.
     """
 
     def __init__(
@@ -105,6 +113,7 @@ class DiT(nn.Module):
         qk_norm: bool = False,
         mlp: str = "gelu",
         long_skip: bool = False,
+        second_time: bool = False,
         gradient_checkpointing: bool = False,
     ):
         # The constructor's arguments, captured once (saved in checkpoints; a training setting is not).
@@ -155,6 +164,8 @@ class DiT(nn.Module):
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        # None without a second time: no state-dict keys, the paper's model.
+        self.r_embedder = TimestepEmbedder(hidden_size) if second_time else None
         # (1, T, d), fixed; a None buffer (rotary only) is left out of the state dict.
         table = position.absolute(hidden_size, grid_size)[None] if position.absolute is not None else None
         self.register_buffer("pos_embed", table)
@@ -180,8 +191,10 @@ class DiT(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for embedder in (self.t_embedder, self.r_embedder):
+            if embedder is not None:
+                nn.init.normal_(embedder.mlp[0].weight, std=0.02)
+                nn.init.normal_(embedder.mlp[2].weight, std=0.02)
         for block in self.blocks:
             block.initialize_weights()
         for skip in self.long_skips:  # [I | 0]: the block's plain input (see the class docstring)
@@ -207,7 +220,9 @@ class DiT(nn.Module):
         dtype = torch.promote_types(dtype, torch.float32)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, r: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if x.shape[1:] != (self.in_channels, self.input_size, self.input_size):
             raise ValueError(
                 f"expected input of shape (N, {self.in_channels}, {self.input_size}, {self.input_size}), "
@@ -217,6 +232,12 @@ class DiT(nn.Module):
         if self.pos_embed is not None:
             tokens = tokens + self.pos_embed
         t_emb = self.t_embedder(t)  # (N, d)
+        if self.r_embedder is not None:
+            t_emb = t_emb + self.r_embedder(torch.zeros_like(t) if r is None else r - t)
+        elif r is not None:
+            raise ValueError(
+                "this DiT takes no second time r: build it with second_time=True (diffusion=meanflow does)"
+            )
         y_emb = self.y_embedder(y)  # (N, d)
         tokens, cond = self.block_cls.condition(tokens, t_emb, y_emb)
         # Blocks without a rotary embedding are called as (tokens, cond): a user's block may not take `rope`.
@@ -278,7 +299,7 @@ def build_dit(
     """Build one point of the design space: `build_dit("DiT-B/4", "adaln")`.
 
     `depth` overrides the size's number of blocks (for depth ablations and fast tests). Extra keyword
-    arguments (mlp_ratio, class_dropout_prob, pos_embed, norm, qk_norm, mlp, long_skip,
+    arguments (mlp_ratio, class_dropout_prob, pos_embed, norm, qk_norm, mlp, long_skip, second_time,
     gradient_checkpointing) go to `DiT`.
     """
     size, patch_size = parse_model_name(name, patch_size)

@@ -33,8 +33,8 @@ RESUME_MAY_CHANGE = ("sampler", "sample_time_shift")
 
 
 class DiTModule(L.LightningModule):
-    """Trains `model` (a DiT) on `diffusion.training_losses` (the paper's Gaussian diffusion or SiT's
-    interpolant) with `optimizer` (a partial taking the
+    """Trains `model` (a DiT) on `diffusion.training_losses` (the paper's Gaussian diffusion, SiT's
+    interpolant or MeanFlow) with `optimizer` (a partial taking the
     parameters; default: the paper's AdamW, lr 1e-4, no weight decay, fused) under `scheduler` (a partial taking the optimizer; default:
     constant) and an EMA of its weights.
 
@@ -103,6 +103,10 @@ class DiTModule(L.LightningModule):
         for _, term in self.loss_terms.values():
             term.check(diffusion)
             term.attach(self.model)  # after the EMA copy: its hooks stay on the trained model
+        # An objective that trains in a way some settings cannot follow (MeanFlow's JVP) refuses them here.
+        check_training = getattr(diffusion, "check_training", None)
+        if check_training is not None:
+            check_training(model, repa=repa is not None, loss_terms=list(self.loss_terms))
         self.max_nonfinite_steps = max_nonfinite_steps
         self.compile_model = compile
         self.seed = seed
@@ -174,7 +178,8 @@ class DiTModule(L.LightningModule):
         return loss
 
     def step_noise(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Timesteps (N,) and noise like x for this rank's share of the global batch.
+        """Timesteps (N,) (MeanFlow's: (N, 2), its t and r) and noise like x for this rank's share of the
+        global batch.
 
         Drawn for the whole global batch from a generator seeded by (seed, step), then sliced by rank:
         the same examples get the same t and noise on any number of processes, and a resumed run
