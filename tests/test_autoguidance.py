@@ -209,11 +209,15 @@ def test_a_guide_that_does_not_fit_is_refused_in_one_line_naming_guide_ckpt(tmp_
         )
         assert "\n" not in str(error.value)
     mse = {"name": "sd_vae", "pretrained": "stabilityai/sd-vae-ft-mse", "scale_factor": 0.18215}
-    other_latents = write_ckpt(tmp_path / "mse.ckpt", DDPM, autoencoder=mse)  # same shapes, other latents
-    ema = mse | {"pretrained": "stabilityai/sd-vae-ft-ema"}
-    with pytest.raises(ValueError, match=r"guide vs model: autoencoder \{.*ft-mse.*\} vs \{.*ft-ema.*\}"):
-        load_guide(other_latents, model.config, DDPM, autoencoder=ema)
-    assert load_guide(other_latents, model.config, DDPM, autoencoder=mse) is not None
+    vae_latents = write_ckpt(tmp_path / "mse.ckpt", DDPM, autoencoder=mse)  # same shapes, other latents
+    with pytest.raises(
+        ValueError, match=r"guide vs model: latents of autoencoder sd_vae \(scale 0.18215\) vs identity"
+    ):
+        load_guide(vae_latents, model.config, DDPM, autoencoder=IDENTITY)
+    with pytest.raises(ValueError, match=r"sd_vae \(scale 0.18215\) vs sd_vae \(scale 0.2\)"):
+        load_guide(vae_latents, model.config, DDPM, autoencoder=mse | {"scale_factor": 0.2})
+    ema = mse | {"pretrained": "stabilityai/sd-vae-ft-ema"}  # another decoder of the same latents: fits
+    assert load_guide(vae_latents, model.config, DDPM, autoencoder=ema) is not None
     with pytest.raises(
         FileNotFoundError, match=f"^guide.ckpt: checkpoint '{tmp_path}/missing.ckpt' does not exist"
     ):

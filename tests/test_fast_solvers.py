@@ -190,6 +190,8 @@ def test_bad_options_and_objectives_fail_in_one_line():
         ("unipc", {"predict_x0": False}, "final_sigmas_type=sigma_min"),
         ("unipc", {"disable_corrector": 0}, r"disable_corrector=0: unipc takes a list of step indices"),
         ("unipc", {"disable_corrector": ["first"]}, r"disable_corrector=\['first'\]"),
+        ("unipc", {"disable_corrector": None}, r"disable_corrector=None"),
+        ("unipc", {"disable_corrector": {"0": 1}}, r"disable_corrector=\{'0': 1\}"),
     ]:
         with pytest.raises(ValueError, match=match) as error:
             SamplingSpec(name, options)

@@ -147,3 +147,14 @@ def test_the_report_writes_the_scaling_files(tmp_path):
     assert summary["paper_table4"]["all_12"]["pearson"] == pytest.approx(-0.93, abs=0.005)
     assert "S/2" in written["scaling.md"].read_text()
     assert scaling_summary(load_records(write_records(tmp_path / "two", docs[:4]))) is None  # two Gflops
+
+
+def test_equal_fids_have_no_correlation_and_the_files_stay_strict_json(tmp_path):
+    fids = {("DiT-S", p, g): [100.0, 100.0] for p, g in ((8, 0.36), (4, 1.41), (2, 6.06))}
+    points = points_of(tmp_path / "runs", fids)
+    assert correlations([p.gflops for p in points], [100.0] * 3) == {"pearson": None, "spearman": None}
+    assert seed_spread(points)["pearson"] is None
+    docs = [record("adaln_zero", m, p, 1.0, g, 100.0, seed=s) for (m, p, g) in fids for s in (0, 1)]
+    written = write_report(load_records(write_records(tmp_path / "w", docs)), tmp_path / "report")
+    json.loads(written["scaling.json"].read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert "n/a" in written["scaling.md"].read_text()

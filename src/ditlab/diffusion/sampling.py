@@ -310,8 +310,10 @@ class UniPC(DiffusersMultistep):
         _choice(name, "solver_type", solver_type, ("bh1", "bh2"))
         _choice(name, "final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
         _choice(name, "timestep_spacing", timestep_spacing, ("linspace", "leading", "trailing"))
-        if isinstance(disable_corrector, str | int) or not all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in disable_corrector
+        if (
+            isinstance(disable_corrector, str)
+            or not isinstance(disable_corrector, Sequence)
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in disable_corrector)
         ):
             raise ValueError(
                 f"sampler.options.disable_corrector={disable_corrector!r}: unipc takes a list of step indices "

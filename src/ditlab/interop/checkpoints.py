@@ -103,10 +103,17 @@ def load_guide(
         for name in ("input_size", "in_channels", "num_classes")
         if guide.model.config[name] != model_config[name]
     ]
-    if autoencoder is not None and (ae := normalize_autoencoder(autoencoder)) != (
-        guide_ae := normalize_autoencoder(guide.autoencoder)
-    ):  # equal shapes, other latents: e.g. SD-VAE ft-EMA against ft-MSE, or another scale factor
-        differences.append(f"autoencoder {guide_ae} vs {ae}")
+    if autoencoder is not None:
+        # The latent space is the encoder's and the scale's: SD-VAE ft-EMA and ft-MSE fine-tune only the
+        # decoder, so their latents are one space (the paper samples its checkpoints with either).
+        latents = [
+            (ae["name"], ae["scale_factor"])
+            for ae in map(normalize_autoencoder, (guide.autoencoder, autoencoder))
+        ]
+        if latents[0] != latents[1]:
+            differences.append(
+                f"latents of autoencoder {latents[0][0]} (scale {latents[0][1]}) vs {latents[1][0]} (scale {latents[1][1]})"
+            )
     if differences:
         raise ValueError(
             f"{key}={path_or_name} cannot guide this model (guide vs model: {', '.join(differences)}): "

@@ -33,7 +33,6 @@ from ditlab.metrics.reference import ReferenceStats, load_reference
 METRICS = ("fid", "sfid", "inception_score", "precision", "recall")
 
 
-@torch.no_grad()
 def sampling_record(samples: str | Path) -> dict[str, Any]:
     """How `samples` were made, from the `<stem>.json` that `sample.py` writes beside them: `nfe` (network
     evaluations per image) and `sampling` (sampler, steps, guidance, seed); {} for other files."""
@@ -49,6 +48,7 @@ def sampling_record(samples: str | Path) -> dict[str, Any]:
     return {"nfe": job.get("nfe"), "sampling": {k: job[k] for k in keys if k in job}}
 
 
+@torch.no_grad()
 def evaluate_samples(
     samples: str | Path,
     reference: ReferenceStats,

@@ -46,16 +46,21 @@ EQUAL_GFLOPS_RATIO = 1.5
 FID_LEVELS = 4  # levels for the compute-to-reach table, evenly spaced over the FIDs the curves pass
 
 
-def correlations(gflops: Sequence[float], fids: Sequence[float]) -> dict[str, float]:
-    """Pearson's r of FID with log10 Gflops and Spearman's ρ (rank: the log does not change it)."""
+def correlations(gflops: Sequence[float], fids: Sequence[float]) -> dict[str, float | None]:
+    """Pearson's r of FID with log10 Gflops and Spearman's ρ (rank: the log does not change it); None
+    where the FIDs are all equal."""
     log_gflops = [math.log10(g) for g in gflops]
+    if len(set(fids)) == 1:  # no spread in FID: no correlation to speak of (scipy would give NaN)
+        return {"pearson": None, "spearman": None}
     return {
         "pearson": float(stats.pearsonr(log_gflops, fids).statistic),
         "spearman": float(stats.spearmanr(log_gflops, fids).statistic),
     }
 
 
-def _summary(values: list[float]) -> dict[str, float]:
+def _summary(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
     ordered = sorted(values)
 
     def percentile(q: float) -> float:  # linear interpolation between order statistics
@@ -87,8 +92,8 @@ def seed_spread(points: Sequence[PointResult], seed: int = 0) -> dict[str, Any]:
     return {
         "draws": len(draws),
         "enumerated": count <= MAX_COMBINATIONS,
-        "pearson": _summary([v["pearson"] for v in values]),
-        "spearman": _summary([v["spearman"] for v in values]),
+        "pearson": _summary([v["pearson"] for v in values if v["pearson"] is not None]),
+        "spearman": _summary([v["spearman"] for v in values if v["spearman"] is not None]),
     }
 
 
@@ -97,7 +102,7 @@ def equal_gflops_pairs(points: Sequence[PointResult], ratio: float = EQUAL_GFLOP
     the larger patches: its FID against the smaller model's with smaller patches."""
     pairs = []
     for a, b in itertools.combinations(points, 2):
-        big, small = (a, b) if model_rank(a.model) > model_rank(b.model) else (b, a)
+        big, small = (a, b) if a.params_m > b.params_m else (b, a)
         if big.model == small.model or big.patch <= small.patch:
             continue
         if max(a.gflops, b.gflops) / min(a.gflops, b.gflops) > ratio:
@@ -210,7 +215,13 @@ def scaling_summary(records: Sequence[RunResult]) -> dict[str, Any] | None:
     return {"groups": out, "paper_table4": _paper(), "equal_gflops_ratio": EQUAL_GFLOPS_RATIO}
 
 
-def _spread_text(s: dict[str, float]) -> str:
+def _r(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _spread_text(s: dict[str, float] | None) -> str:
+    if s is None:
+        return "n/a (the FIDs are all equal)"
     return f"median {s['median']:.2f}, 95% {s['p2.5']:.2f} to {s['p97.5']:.2f}, range {s['min']:.2f} to {s['max']:.2f}"
 
 
@@ -229,8 +240,8 @@ def scaling_markdown(summary: dict[str, Any]) -> str:
         corr, spread = g["fid_vs_log_gflops"]["of_means"], g["fid_vs_log_gflops"]["over_seeds"]
         how = "every combination" if spread["enumerated"] else "random draws"
         lines += [
-            f"- {len(g['points'])} points. Of the seed means: Pearson r = {corr['pearson']:.3f}, "
-            f"Spearman ρ = {corr['spearman']:.3f}.",
+            f"- {len(g['points'])} points. Of the seed means: Pearson r = {_r(corr['pearson'])}, "
+            f"Spearman ρ = {_r(corr['spearman'])}.",
             f"- One seed per point ({spread['draws']} draws, {how}): r {_spread_text(spread['pearson'])}; "
             f"ρ {_spread_text(spread['spearman'])}.",
             "",
