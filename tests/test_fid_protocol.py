@@ -58,6 +58,9 @@ class FakeModule:
     def complexity(self) -> dict[str, float]:
         return {"gflops": 1.0}
 
+    def train_compute_gflop(self, steps: int, images_per_step: int) -> float:
+        return self.complexity()["gflops"] * 3 * steps * images_per_step
+
 
 def fake_trainer() -> SimpleNamespace:
     return SimpleNamespace(

@@ -76,7 +76,7 @@ def test_block_i_feeds_block_depth_minus_1_minus_i(block, depth):
     others (the first half, an odd depth's middle block) their plain input, over the whole sequence they
     see (in-context's t and y tokens included)."""
     model = randomize(tiny(block, depth, long_skip=True)).eval()
-    half = depth // 2
+    half = (depth - 1) // 2  # the middle block(s) take none
     assert len(model.long_skips) == half
     assert {k for k in model.state_dict() if k.startswith("long_skips")} == skip_keys(half)
     seen_in, seen_out = block_inputs_and_outputs(model)
@@ -96,7 +96,7 @@ def test_only_the_open_skip_carries_its_blocks_output(depth):
     model = randomize(tiny("adaln_zero", depth, long_skip=True)).eval()
     d = model.config["hidden_size"]
     eye, zero = torch.eye(d), torch.zeros(d, d)
-    for i in range(depth // 2):
+    for i in range((depth - 1) // 2):
         with torch.no_grad():
             for j, skip in enumerate(model.long_skips):
                 skip.weight.copy_(torch.cat([zero, eye] if j == i else [eye, zero], dim=1))
@@ -117,7 +117,7 @@ def test_at_init_the_skips_pass_the_plain_input(block):
         assert torch.equal(skip.weight, torch.cat([torch.eye(d), torch.zeros(d, d)], dim=1))
         assert not skip.bias.count_nonzero()
     missing, unexpected = skipped.load_state_dict(plain.state_dict(), strict=False)
-    assert set(missing) == skip_keys(2) and not unexpected
+    assert set(missing) == skip_keys(1) and not unexpected  # depth 4: block 0 feeds block 3
     assert torch.equal(skipped(*inputs()), plain(*inputs()))
 
 
@@ -176,12 +176,12 @@ def test_long_skips_with_every_block_option_and_checkpointing(block, option):
     ],
 )
 def test_params_and_gflops_follow_the_closed_forms(name, block, depth):
-    """(D//2)·(2d·d + d) more parameters; (D//2)·tokens·2d·d more multiply-adds, counted once as `gflops`
+    """((D−1)//2)·(2d·d + d) more parameters; ((D−1)//2)·tokens·2d·d more multiply-adds, counted once as `gflops`
     counts them (the concatenation and the bias adds are free in that convention), over every token the
     block sees: T + 2 with in-context."""
     with torch.device("meta"):
         plain, skipped = (build_dit(name, block, depth=depth, long_skip=on) for on in (False, True))
-    d, num_skips = plain.config["hidden_size"], plain.config["depth"] // 2
+    d, num_skips = plain.config["hidden_size"], (plain.config["depth"] - 1) // 2
     tokens = plain.num_patches + (2 if block == "in_context" else 0)
     assert count_params(skipped) - count_params(plain) == num_skips * (2 * d * d + d)
     assert forward_flops(skipped) - forward_flops(plain) == 2 * num_skips * tokens * 2 * d * d
@@ -207,7 +207,7 @@ def test_the_config_chooses_and_names_long_skips():
         "long_skip",
     }
     model = instantiate(cfg.net, **point.model_arguments(), input_size=32, in_channels=1, num_classes=10)
-    assert model.config["long_skip"] is True and len(model.long_skips) == model.config["depth"] // 2
+    assert model.config["long_skip"] is True and len(model.long_skips) == (model.config["depth"] - 1) // 2
     # `-m long_skip=false,true`: one job per value, as Hydra's basic sweeper writes their overrides.
     (sweep,) = OverridesParser.create().parse_overrides(["long_skip=false,true"])
     with initialize_config_dir(str(CONF), version_base="1.3"):
@@ -222,7 +222,7 @@ def test_the_config_chooses_and_names_long_skips():
 def test_a_long_skip_run_records_and_reloads_its_point(tmp_path):
     """Two steps of a tiny run: its name, results.json coordinates, the report's axes and the checkpoint's
     model config carry the flag; the checkpoint loads back with its long skips."""
-    run_train(tmp_path, *TINY, "long_skip=true", "trainer.max_steps=2")
+    run_train(tmp_path, *TINY, "long_skip=true", "net.depth=3", "trainer.max_steps=2")
     record = json.loads((tmp_path / "results.json").read_text())
     assert record["run_name"] == "adaln_zero-DiT-Ti-p8+long_skip"
     assert record["coordinates"]["long_skip"] is True and record["axis_defaults"]["long_skip"] is False
@@ -230,7 +230,12 @@ def test_a_long_skip_run_records_and_reloads_its_point(tmp_path):
     assert run.axes == (("long_skip", True),)
     loaded = load_dit(tmp_path / "checkpoints" / "last.ckpt")
     assert loaded.model.config["long_skip"] is True and loaded.coordinates["long_skip"] is True
-    assert len(loaded.model.long_skips) == 1  # debug=tiny: 2 blocks
+    assert len(loaded.model.long_skips) == 1  # 3 blocks: block 0 feeds block 2
+
+
+def test_long_skips_need_three_blocks():
+    with pytest.raises(ValueError, match="long_skip=true needs depth ≥ 3: with 2 blocks"):
+        tiny("adaln_zero", depth=2, long_skip=True)
 
 
 def test_checkpoints_and_bare_weights_keep_the_flag(tmp_path):

@@ -41,6 +41,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "long skips": ("long_skip", ["BOOLEANS"]),
     "MLP": ("mlp", ["MLPS", "conf/mlp"]),
     "REPA": ("repa", ["conf/repa"]),
+    "masked training": ("masking.mask_ratio", []),  # a number, not names
     "extra loss terms": ("loss_terms", ["LOSS_TERMS"]),
     "data": ("data", ["conf/data"]),
     "autoencoder": ("autoencoder", ["conf/autoencoder"]),

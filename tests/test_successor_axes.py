@@ -42,6 +42,10 @@ def test_a_successor_point_trains_samples_and_records_its_coordinates(tmp_path):
         "cosine_velocity": 0.0,
         "dispersive": 0.0,
         "loss_term_args": "",
+        "mask_ratio": 0.0,
+        "decoder_depth": 0,
+        "recon_weight": 0.1,
+        "finetune_steps": 0,
         "sampler": "euler",  # the FID's: the interpolant's default
         "sample_time_shift": 1.0,
     }

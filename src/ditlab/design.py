@@ -11,22 +11,27 @@ import importlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from ditlab.registry import Registry
+
+if TYPE_CHECKING:
+    from ditlab.training.masking import Masking
 
 
 @dataclass(frozen=True)
 class Axis:
     """One axis of the design space beyond the paper's (block, size, patch): its value at the paper's point
     (`default`), and how a composed run config gives a run's value (`read`). `in_name`: shown in run
-    names when off its default (the FID's sampler scores a run; it does not define the trained model)."""
+    names when off its default (the FID's sampler scores a run; it does not define the trained model).
+    `label`: a number's prefix in those names, when not the axis's own name."""
 
     default: Any
     read: Callable[[DictConfig], Any]
     in_name: bool = True
+    label: str = ""  # a number's prefix in run names (`+mask0.5`); "": the axis's own name
 
 
 def group_axis(group: str, default: str) -> Axis:
@@ -112,15 +117,53 @@ def _sample_time_shift(cfg: DictConfig) -> float:
     return float((options or {}).get("time_shift", 1.0))
 
 
+# masking.decoder_depth=null: MaskDiT's decoder of 2 blocks with masking (mask_ratio > 0), none without.
+MASKED_DECODER_DEPTH = 2
+
+
+def _masked(mask_ratio: Any) -> bool:
+    return isinstance(mask_ratio, int | float) and not isinstance(mask_ratio, bool) and mask_ratio > 0
+
+
+def natural_decoder_depth(mask_ratio: Any) -> int:
+    return MASKED_DECODER_DEPTH if _masked(mask_ratio) else 0
+
+
+def _masking(cfg: DictConfig) -> Any:
+    """The run's `masking` node (values as the config holds them: check_values checks them); none: off."""
+    return cfg.get("masking") or {}
+
+
+def _masked_option(key: str, default: Any) -> Callable[[DictConfig], Any]:
+    """A setting of masked training alone (λ, the fine-tune steps). It does nothing without masking, so
+    there it is at its default: `-m masking.mask_ratio=0,0.5 masking.finetune_steps=300` names its unmasked
+    run as the paper's."""
+    return lambda cfg: (
+        _masking(cfg).get(key, default) if _masked(_masking(cfg).get("mask_ratio")) else default
+    )
+
+
+def _decoder_depth(cfg: DictConfig) -> Any:
+    depth = _masking(cfg).get("decoder_depth")
+    return natural_decoder_depth(_masking(cfg).get("mask_ratio")) if depth is None else depth
+
+
 def _container(node: Any) -> dict[str, Any]:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
 
 
 def _axis(
-    default: Any, read: Callable[[DictConfig], Any], *, in_name: bool = True, argument: str = ""
+    default: Any,
+    read: Callable[[DictConfig], Any],
+    *,
+    in_name: bool = True,
+    argument: str = "",
+    label: str = "",
 ) -> Any:
     """A field of `DesignPoint` that is an axis; `argument`: the model constructor's name for it."""
-    return field(default=default, metadata={"axis": Axis(default, read, in_name), "argument": argument})
+    return field(
+        default=default, metadata={"axis": Axis(default, read, in_name, label), "argument": argument}
+    )
 
 
 PAPER_AXES = ("block", "model", "patch")  # always in a run's name; the report's rows
@@ -131,7 +174,7 @@ class DesignPoint:
     """One point of the design space: the paper's axes (the conditioning block, the size `model`, the
     patch), the later ones (the objective with its prediction, time sampling and shift and other options,
     the position embedding, norm, QK-norm, MLP, U-ViT's long skips, REPA's λ, the extra loss terms'
-    weights, the FID's sampler and its time shift), each at the paper's value by
+    weights, MaskDiT's masked training, the FID's sampler and its time shift), each at the paper's value by
     default, and a user's own axes (`register_axis`) in `user_axes`. `objective_options` is the objective's whole config
     (`_target_` and arguments: conf/diffusion). A new axis of ditlab is one field here and its config
     group; a user's is one `register_axis` and its group."""
@@ -155,6 +198,12 @@ class DesignPoint:
     cosine_velocity: float = _axis(0.0, _loss_term_weight("cosine_velocity"))  # its weight, 0: none
     dispersive: float = _axis(0.0, _loss_term_weight("dispersive"))  # its weight, 0: none
     loss_term_args: str = _axis("", _loss_term_args)  # the terms' options off their defaults, a user's terms
+    # MaskDiT's masked training (`ditlab.training.masking`): the fraction of tokens dropped (0: off), the
+    # decoder's blocks (null in the config: 2 with masking, else 0), λ and the unmasked last steps.
+    mask_ratio: float = _axis(0.0, lambda cfg: _masking(cfg).get("mask_ratio", 0.0), label="mask")
+    decoder_depth: int = _axis(0, _decoder_depth, argument="decoder_depth")
+    recon_weight: float = _axis(0.1, _masked_option("recon_weight", 0.1))
+    finetune_steps: int = _axis(0, _masked_option("finetune_steps", 0))
     sampler: str = _axis(  # the FID's sampler, else the run's
         "ddim",
         lambda cfg: ((cfg.callbacks or {}).get("fid") or {}).get("sampler") or cfg.sampler.name,
@@ -202,6 +251,12 @@ class DesignPoint:
     def model_axes(cls) -> dict[str, str]:
         """Each axis that the model's constructor takes, by its field name: its argument's name."""
         return {f.name: f.metadata["argument"] for f in fields(cls) if f.metadata.get("argument")}
+
+    def masking(self) -> "Masking":
+        """The masked training that this point trains with."""
+        from ditlab.training.masking import Masking  # torch: not on `import ditlab`
+
+        return Masking(self.mask_ratio, self.recon_weight, self.finetune_steps)
 
     def build_objective(self) -> Any:
         """The objective (a `GaussianDiffusion`, `Interpolant` or `MeanFlow`, or a user's) that this point
@@ -253,12 +308,15 @@ def import_registering_modules(cfg: Any) -> None:
 def point_name(coords: dict[str, Any]) -> str:
     """The name of a run's point: the paper's axes, then each later axis whose value is not the paper's,
     e.g. `adaln_zero-DiT-S-p4+sit_linear+rope`, so that no two points of a sweep share a name. A name-like
-    value stands for itself, a flag for its key (`+qk_norm`), a number follows its key (`+repa0.5`)."""
+    value stands for itself, a flag for its key (`+qk_norm`), a number follows its key or label (`+repa0.5`,
+    `+mask0.5`)."""
     objective = coords.get("objective", AXES["objective"].default)
     # Each objective's own prediction is no part of the name: ε for DDPM, the velocity for SiT's
     # interpolants; a user's objective shows what it predicts only when it has the option.
     natural = "epsilon" if objective == "ddpm" else "velocity" if objective.startswith("sit_") else None
-    defaults = default_axes() | {"predict": natural}
+    # The decoder's depth is no part of a masked run's name at MaskDiT's default (masking.decoder_depth=null).
+    decoder_depth = natural_decoder_depth(coords.get("mask_ratio", 0.0))
+    defaults = default_axes() | {"predict": natural, "decoder_depth": decoder_depth}
     parts = [f"{coords['block']}-{coords['model']}-p{coords['patch']}"]
     for key, default in defaults.items():
         value = coords.get(key, default)
@@ -267,7 +325,7 @@ def point_name(coords: dict[str, Any]) -> str:
         if isinstance(value, bool):
             parts.append(key)
         elif isinstance(value, int | float):
-            parts.append(f"{key}{value:g}")
+            parts.append(f"{AXES[key].label or key}{value:g}")
         else:
             parts.append(f"predict_{value}" if key == "predict" else str(value))
     return "+".join(parts)

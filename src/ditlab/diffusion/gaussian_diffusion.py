@@ -50,9 +50,17 @@ def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Te
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
 
 
-def _mean_flat(x: Tensor) -> Tensor:
-    """Mean over every dimension but the batch: (N, ...) -> (N,)."""
-    return x.mean(dim=tuple(range(1, x.ndim)))
+def _mean_flat(x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean over every dimension but the batch: (N, ...) -> (N,); with `mask`, `masked_mean`."""
+    return x.mean(dim=tuple(range(1, x.ndim))) if mask is None else masked_mean(x, mask)
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """The mean of x (N, C, ...) over the pixels where `mask` (N, 1, ...) is 1 and every channel, (N,):
+    Σ mask·x / Σ mask, the mask broadcast over the channels (masked training's loss on the visible
+    patches, `ditlab.training.masking`)."""
+    mask = mask.to(x.dtype).expand_as(x).flatten(1)
+    return (x.flatten(1) * mask).sum(1) / mask.sum(1)
 
 
 class GaussianDiffusion(nn.Module):
@@ -287,17 +295,20 @@ class GaussianDiffusion(nn.Module):
 
     # Training objective ------------------------------------------------------------------------------
 
-    def vb_terms_bpd(self, model_out: Tensor, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+    def vb_terms_bpd(
+        self, model_out: Tensor, x0: Tensor, x_t: Tensor, t: Tensor, loss_mask: Tensor | None = None
+    ) -> Tensor:
         """One term of the variational bound in bits/dim, shape (N,).
 
         KL(q(x_{t-1} | x_t, x0) ‖ p(x_{t-1} | x_t)) for t > 0; the discretized-Gaussian decoder NLL
-        −log p(x0 | x_1) at t = 0 (data in [-1, 1], 256 bins).
+        −log p(x0 | x_1) at t = 0 (data in [-1, 1], 256 bins). Per dimension: the mean over C·H·W, or over
+        the pixels where `loss_mask` (N, 1, H, W) is 1 (`masked_mean`).
         """
         true_mean, _, true_log_variance = self.q_posterior_mean_variance(x0, x_t, t)
         p = self.p_mean_variance(model_out, x_t, t, clip_denoised=False)
-        kl = _mean_flat(normal_kl(true_mean, true_log_variance, p["mean"], p["log_variance"])) / math.log(2)
+        kl = normal_kl(true_mean, true_log_variance, p["mean"], p["log_variance"])
         nll = -discretized_gaussian_log_likelihood(x0, p["mean"], 0.5 * p["log_variance"])
-        return torch.where(t == 0, _mean_flat(nll) / math.log(2), kl)
+        return torch.where(t == 0, _mean_flat(nll, loss_mask), _mean_flat(kl, loss_mask)) / math.log(2)
 
     def training_losses(
         self,
@@ -307,6 +318,7 @@ class GaussianDiffusion(nn.Module):
         noise: Tensor | None = None,
         model_kwargs: dict | None = None,
         generator: torch.Generator | None = None,
+        loss_mask: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Per-example losses for clean data x0 (N, C, ...): `loss`, `mse` and (hybrid) `vb`, each (N,).
 
@@ -314,6 +326,8 @@ class GaussianDiffusion(nn.Module):
         `generator`. `mse` is L_simple, the mean over C·H·W of the squared error of the prediction;
         `vb` is L_vlb with the model mean detached so that it trains only the variance, scaled by
         T/1000 as in ADM so that a respaced process weighs it like the 1000-step one (×1 in the paper).
+        `loss_mask` (N, 1, H, W), 1 on the pixels that count (masked training's visible patches): both
+        means are taken over those pixels only (`masked_mean`); None: every pixel.
         """
         n = x0.shape[0]
         if t is None:
@@ -324,10 +338,10 @@ class GaussianDiffusion(nn.Module):
         model_out = model_fn(x_t, self.timestep_map[t], **(model_kwargs or {}))
         self._check_output(model_out, x0)
         channels = x0.shape[1]
-        terms = {"mse": _mean_flat((self._target(x0, t, noise) - model_out[:, :channels]) ** 2)}
+        terms = {"mse": _mean_flat((self._target(x0, t, noise) - model_out[:, :channels]) ** 2, loss_mask)}
         if self.loss == "hybrid":
             frozen = torch.cat([model_out[:, :channels].detach(), model_out[:, channels:]], dim=1)
-            terms["vb"] = self.vb_terms_bpd(frozen, x0, x_t, t) * (self.num_timesteps / 1000)
+            terms["vb"] = self.vb_terms_bpd(frozen, x0, x_t, t, loss_mask) * (self.num_timesteps / 1000)
             terms["loss"] = terms["mse"] + terms["vb"]
         else:
             terms["loss"] = terms["mse"]

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ditlab.diffusion.gaussian_diffusion import masked_mean
 from ditlab.registry import Registry
 
 PREDICTIONS = ("velocity", "noise", "score", "data")
@@ -210,10 +211,13 @@ class Interpolant(nn.Module):
         noise: Tensor | None = None,
         model_kwargs: dict | None = None,
         generator: torch.Generator | None = None,
+        loss_mask: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Per-example `loss` = `mse` (N,): the mean over C·H·W of the squared error of the prediction
         (velocity: out − v; noise: out − ε; score: σ_t·out + ε; data: v̂ − v, both by the clipped
-        conversion), for data x1 (N, C, ...). `loss="velocity"`: v̂ − v; `loss="x"`: x̂ − x1."""
+        conversion), for data x1 (N, C, ...). `loss="velocity"`: v̂ − v; `loss="x"`: x̂ − x1.
+        `loss_mask` (N, 1, H, W), 1 on the pixels that count (masked training's visible patches): the mean
+        over those pixels only (`masked_mean`); None: every pixel."""
         n = x1.shape[0]
         if t is None:
             t = self.sample_t(n, generator, x1.device)
@@ -234,7 +238,7 @@ class Interpolant(nn.Module):
             error = out - noise
         else:
             error = _expand(self.path.coefficients(t)[1], x1) * out + noise
-        mse = error.pow(2).flatten(1).mean(1)
+        mse = error.pow(2).flatten(1).mean(1) if loss_mask is None else masked_mean(error.pow(2), loss_mask)
         return {"loss": mse, "mse": mse}
 
     def _prediction(self, out: Tensor, x: Tensor) -> Tensor:

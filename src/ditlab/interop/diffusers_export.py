@@ -74,6 +74,7 @@ def _check_exportable(model: DiT) -> None:
         "mlp": "gelu",
         "long_skip": False,
         "second_time": False,
+        "decoder_depth": 0,
     }
     layers = {k: config.get(k, v) for k, v in paper.items()}
     if layers != paper:

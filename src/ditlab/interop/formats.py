@@ -139,7 +139,10 @@ def _shape_config(state_dict: dict[str, Tensor]) -> dict[str, Any]:
     if missing:
         raise ValueError(f"not DiT weights: no {', '.join(missing)}")
     hidden, in_channels, patch, _ = state_dict["x_embedder.proj.weight"].shape  # (d, C, p, p)
-    depth = 1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")), default=-1)
+    depth, decoder_depth = (
+        1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith(prefix)), default=-1)
+        for prefix in ("blocks.", "decoder_blocks.")
+    )
     out_channels = state_dict["final_layer.linear.weight"].shape[0] // (patch * patch)  # (p·p·out, d)
     if out_channels not in (in_channels, 2 * in_channels):
         raise ValueError(f"final layer gives {out_channels} channels for {in_channels} input channels")
@@ -159,6 +162,7 @@ def _shape_config(state_dict: dict[str, Tensor]) -> dict[str, Any]:
         learn_sigma=out_channels == 2 * in_channels,
         long_skip=any(k.startswith("long_skips.") for k in state_dict),  # U-ViT's: absent in the paper's
         second_time=any(k.startswith("r_embedder.") for k in state_dict),  # MeanFlow's: absent in the paper's
+        decoder_depth=decoder_depth,  # MaskDiT's decoder: absent in the paper's
         class_dropout_prob=0.1,  # not in the weights: the paper's
     )
 
@@ -174,8 +178,8 @@ def identify(state_dict: dict[str, Tensor]) -> dict[str, Any]:
 
     Depth from the block count, hidden size, channels and patch from the patch conv, input size from the
     position table, classes from the label table (rows − 1), learn_sigma from the final layer, long_skip
-    from U-ViT's skip projections, second_time from MeanFlow's interval embedder; the block type is the
-    registered one whose parameters match. Raises ValueError when none does.
+    from U-ViT's skip projections, second_time from MeanFlow's interval embedder, decoder_depth from
+    MaskDiT's decoder blocks; the block type is the registered one whose parameters match. Raises ValueError when none does.
     """
     config = _shape_config(state_dict)
     size = next(

@@ -2,8 +2,8 @@
 
 State-dict keys of `adaln_zero` models are those of the reference implementation, so released
 checkpoints (DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt) load with strict=True. The LightningDiT axes
-(`pos_embed`, `norm`, `qk_norm`, `mlp`) and U-ViT's long skips (`long_skip`) default to the paper's
-choices, which leave the model unchanged.
+(`pos_embed`, `norm`, `qk_norm`, `mlp`), U-ViT's long skips (`long_skip`) and MaskDiT's decoder
+(`decoder_depth`) default to the paper's choices, which leave the model unchanged.
 """
 
 import inspect
@@ -78,10 +78,11 @@ class DiT(nn.Module):
     norm of the blocks and the final layer; `qk_norm` a norm on each head's q and k; `mlp` "gelu" |
     "swiglu". Registries: `POS_EMBEDS`, `NORMS`, `MLPS`.
 
-    `long_skip` (U-ViT, Bao et al. 2023): the output of block i < depth//2 is concatenated with the input of
-    block depth−1−i along the channels and projected back by `long_skips[i]`, a Linear(2d → d), over every
-    token the block sees (in-context's t and y tokens too, as in U-ViT); with an odd depth the middle block
-    takes none. Each projection starts as [I | 0]: the block sees its plain input, so at init the model
+    `long_skip` (U-ViT, Bao et al. 2023): the output of block i < (depth−1)//2 is concatenated with the input
+    of block depth−1−i along the channels and projected back by `long_skips[i]`, a Linear(2d → d), over every
+    token the block sees (in-context's t and y tokens too, as in U-ViT); the middle block (two with an even
+    depth: one would feed the next, whose input its output already is) takes none, so it needs depth ≥ 3.
+    Each projection starts as [I | 0]: the block sees its plain input, so at init the model
     computes what the same weights compute without long skips (adaLN-Zero's trunk stays the identity), and
     the skip half of the weight is learnt from there (its gradient is the block input's times the skip).
 
@@ -92,6 +93,17 @@ class DiT(nn.Module):
     the paper's (t, t − r) conditioning, its interval t − r being r − t in ditlab's time (t = 0 the noise).
     Without r the interval is 0 (the instantaneous velocity). `False`, the default, is the paper's DiT with
     the same state-dict keys and outputs.
+
+    `decoder_depth` (MaskDiT's decoder, Zheng et al. 2023; `ditlab.training.masking`): that many more blocks
+    of the same kind and width after the DiT's own, and a learned `mask_token` (d,). Given `keep` (N, K), the
+    indices of each image's visible tokens, `forward(..., keep=keep)` runs the DiT's blocks (the encoder) on
+    those K tokens only, each with its position embedding (absolute, and rotary by its grid position);
+    in-context's t and y tokens are appended after the masking, so never masked; cross-attention's context
+    and the adaLN condition are unchanged. The decoder (`decode`) puts the encoder's tokens back on the grid
+    with the mask token at every other position, adds the position table to every image token (MaskDiT's
+    decoder position embedding), and runs its blocks over the whole sequence before the final layer. Without
+    `keep` (sampling, the unmasked fine-tune) every token goes through the encoder and the decoder. 0, the
+    default, is the paper's DiT with the same state-dict keys and outputs.
     """
 
     def __init__(
@@ -114,6 +126,7 @@ class DiT(nn.Module):
         mlp: str = "gelu",
         long_skip: bool = False,
         second_time: bool = False,
+        decoder_depth: int = 0,
         gradient_checkpointing: bool = False,
     ):
         # The constructor's arguments, captured once (saved in checkpoints; a training setting is not).
@@ -129,6 +142,11 @@ class DiT(nn.Module):
             )
         if hidden_size % num_heads != 0:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        if long_skip and depth < 3:
+            raise ValueError(
+                f"long_skip=true needs depth ≥ 3: with {depth} blocks no block feeds a later one but its "
+                "neighbour, whose input its output already is; use a deeper model or long_skip=false"
+            )
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         block_cls = BLOCKS[block]
@@ -175,8 +193,13 @@ class DiT(nn.Module):
         )
         # Empty without long skips: no state-dict keys, and the forward loop below skips no block.
         self.long_skips = nn.ModuleList(
-            nn.Linear(2 * hidden_size, hidden_size) for _ in range(depth // 2 if long_skip else 0)
+            nn.Linear(2 * hidden_size, hidden_size) for _ in range((depth - 1) // 2 if long_skip else 0)
         )
+        # MaskDiT's decoder, empty by default: no state-dict keys, no mask token.
+        self.decoder_blocks = nn.ModuleList(
+            block_cls(hidden_size, num_heads, mlp_ratio, **block_kwargs) for _ in range(decoder_depth)
+        )
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden_size)) if decoder_depth else None
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, options)
         self.initialize_weights()
 
@@ -195,8 +218,10 @@ class DiT(nn.Module):
             if embedder is not None:
                 nn.init.normal_(embedder.mlp[0].weight, std=0.02)
                 nn.init.normal_(embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
+        for block in (*self.blocks, *self.decoder_blocks):
             block.initialize_weights()
+        if self.mask_token is not None:
+            nn.init.normal_(self.mask_token, std=0.02)  # MAE's and MaskDiT's
         for skip in self.long_skips:  # [I | 0]: the block's plain input (see the class docstring)
             nn.init.eye_(skip.weight)  # eye_ of a (d, 2d) matrix: the identity on the first d inputs
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
@@ -210,18 +235,28 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], h, w, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
-    def rope(self, length: int, dtype: torch.dtype, device: torch.device) -> Rope:
+    def rope(
+        self, length: int, dtype: torch.dtype, device: torch.device, keep: torch.Tensor | None = None
+    ) -> Rope:
         """cos and sin (length, head_dim/2) of the rotary angles of a sequence of `length` ≥ T tokens, in
-        `dtype` promoted to float32 at least. Tokens after the T image tokens (in-context's t and y) are not
+        `dtype` promoted to float32 at least. Tokens after the image tokens (in-context's t and y) are not
         on the grid and get angle 0, i.e. no rotation (a logit between one of them and an image token then
-        depends on the image token's absolute position)."""
+        depends on the image token's absolute position). With `keep` (N, K), the image tokens are each
+        image's visible ones, each at its grid position's angles: (N, 1, length, head_dim/2)."""
         angles = self.rotary(self.head_dim, self.input_size // self.patch_size, device)
-        angles = F.pad(angles, (0, 0, 0, length - self.num_patches))
+        if keep is not None:
+            angles = angles[keep][:, None]  # (N, 1, K, head_dim/2): broadcast over the heads
+        angles = F.pad(angles, (0, 0, 0, length - angles.shape[-2]))
         dtype = torch.promote_types(dtype, torch.float32)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, r: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        r: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if x.shape[1:] != (self.in_channels, self.input_size, self.input_size):
             raise ValueError(
@@ -231,6 +266,12 @@ class DiT(nn.Module):
         tokens = self.x_embedder(x)  # (N, T, d)
         if self.pos_embed is not None:
             tokens = tokens + self.pos_embed
+        if keep is not None:  # masked training: the encoder sees each image's visible tokens only
+            if self.mask_token is None:
+                raise ValueError(
+                    "keep= (masked training) needs a decoder: build the DiT with decoder_depth ≥ 1"
+                )
+            tokens = tokens.gather(1, keep[..., None].expand(-1, -1, tokens.shape[-1]))  # (N, K, d)
         t_emb = self.t_embedder(t)  # (N, d)
         if self.r_embedder is not None:
             t_emb = t_emb + self.r_embedder(torch.zeros_like(t) if r is None else r - t)
@@ -240,21 +281,44 @@ class DiT(nn.Module):
             )
         y_emb = self.y_embedder(y)  # (N, d)
         tokens, cond = self.block_cls.condition(tokens, t_emb, y_emb)
-        # Blocks without a rotary embedding are called as (tokens, cond): a user's block may not take `rope`.
-        rope = () if self.rotary is None else (self.rope(tokens.shape[1], tokens.dtype, tokens.device),)
+        rope = () if self.rotary is None else (self.rope(tokens.shape[1], tokens.dtype, tokens.device, keep),)
         # U-ViT's long skips (none by default): the first half's outputs, fused last-in first-out.
         depth, num_skips, skipped = len(self.blocks), len(self.long_skips), []
         for i, block in enumerate(self.blocks):
             if i >= depth - num_skips:  # skipped[-1] is block depth−1−i's output
                 tokens = self.long_skips[depth - 1 - i](torch.cat([tokens, skipped.pop()], dim=-1))
-            if self.gradient_checkpointing and self.training:
-                tokens = checkpoint(block, tokens, cond, *rope, use_reentrant=False)
-            else:
-                tokens = block(tokens, cond, *rope)
+            tokens = self.run_block(block, tokens, cond, rope)
             if i < num_skips:
                 skipped.append(tokens)
+        if self.mask_token is not None:
+            tokens = self.decode(tokens, cond, keep)
         tokens = self.final_layer(tokens[:, : self.num_patches], t_emb + y_emb)  # drop in-context tokens
         return self.unpatchify(tokens)
+
+    def run_block(
+        self, block: nn.Module, tokens: torch.Tensor, cond: Any, rope: tuple[Rope, ...]
+    ) -> torch.Tensor:
+        # Blocks without a rotary embedding are called as (tokens, cond): a user's block may not take `rope`.
+        if self.gradient_checkpointing and self.training:
+            return checkpoint(block, tokens, cond, *rope, use_reentrant=False)
+        return block(tokens, cond, *rope)
+
+    def decode(self, tokens: torch.Tensor, cond: Any, keep: torch.Tensor | None) -> torch.Tensor:
+        """MaskDiT's decoder on the encoder's output `tokens` (the visible image tokens when `keep` is given,
+        then in-context's t and y tokens, carried over): the image tokens back on the grid with the mask
+        token at the masked positions, the position table added to all of them, then the decoder blocks."""
+        visible = self.num_patches if keep is None else keep.shape[1]
+        image, extra = tokens[:, :visible], tokens[:, visible:]
+        if keep is not None:
+            grid = self.mask_token.to(image.dtype).expand(image.shape[0], self.num_patches, -1)
+            image = grid.scatter(1, keep[..., None].expand(-1, -1, image.shape[-1]), image)
+        if self.pos_embed is not None:
+            image = image + self.pos_embed
+        tokens = torch.cat([image, extra], dim=1)
+        rope = () if self.rotary is None else (self.rope(tokens.shape[1], tokens.dtype, tokens.device),)
+        for block in self.decoder_blocks:
+            tokens = self.run_block(block, tokens, cond, rope)
+        return tokens
 
 
 def complete_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -300,7 +364,7 @@ def build_dit(
 
     `depth` overrides the size's number of blocks (for depth ablations and fast tests). Extra keyword
     arguments (mlp_ratio, class_dropout_prob, pos_embed, norm, qk_norm, mlp, long_skip, second_time,
-    gradient_checkpointing) go to `DiT`.
+    decoder_depth, gradient_checkpointing) go to `DiT`.
     """
     size, patch_size = parse_model_name(name, patch_size)
     return DiT(

@@ -24,6 +24,7 @@ from ditlab.diffusion.sampling import (
 from ditlab.io import checkpoint_header
 from ditlab.metrics import count_params, forward_flops
 from ditlab.models import DiT, complete_config
+from ditlab.training.masking import Masking, draw_keep, num_kept, reconstruction_loss, visible_pixels
 from ditlab.training.schedules import linear_warmup
 
 # The coordinates (`ditlab.design.DesignPoint`) a resumed run may change: the FID's sampler (and its time
@@ -56,6 +57,11 @@ class DiTModule(L.LightningModule):
     term's batch value added to the batch loss with its weight and logged as `train/<name>`; none (the
     default) leaves the loss the objective's.
 
+    `masking` (optional, `ditlab.training.masking.Masking`): MaskDiT's masked training. Each image of a
+    masked step drops a random fraction of its tokens (`step_keep`); the loss is the objective's on the
+    visible patches plus λ times the reconstruction loss on the masked ones (logged as `train/recon`);
+    the last `finetune_steps` steps train unmasked. None (the default): every step unmasked, as the paper.
+
     Non-finite losses: the fused AdamW step is skipped on the device (its `found_inf` input), so no
     host sync is needed per step; the run aborts with a clear message once `max_nonfinite_steps`
     steps in a row were skipped (checked at logging steps).
@@ -73,6 +79,7 @@ class DiTModule(L.LightningModule):
         ema_decay: float = 0.9999,
         repa: nn.Module | None = None,
         loss_terms: dict[str, tuple[float, LossTerm]] | None = None,
+        masking: Masking | None = None,
         max_nonfinite_steps: int = 5,
         compile: bool = False,
         seed: int = 0,
@@ -107,6 +114,9 @@ class DiTModule(L.LightningModule):
         check_training = getattr(diffusion, "check_training", None)
         if check_training is not None:
             check_training(model, repa=repa is not None, loss_terms=list(self.loss_terms))
+        self.masking = masking or Masking()
+        if self.masking.mask_ratio:
+            self.masking.check(model, diffusion, repa=repa is not None, loss_terms=list(self.loss_terms))
         self.max_nonfinite_steps = max_nonfinite_steps
         self.compile_model = compile
         self.seed = seed
@@ -114,7 +124,9 @@ class DiTModule(L.LightningModule):
         self.register_buffer("nonfinite_in_a_row", torch.zeros((), dtype=torch.long), persistent=False)
         self.register_buffer("nonfinite_total", torch.zeros((), dtype=torch.long), persistent=False)
         self.register_buffer("found_inf", torch.zeros(()), persistent=False)
-        self.flops_per_batch: int | None = None  # read by ditlab's Throughput callback for MFU
+        # Read by ditlab's Throughput callback for MFU: the pass of the step just run (a masked one costs less).
+        self.flops_per_batch: int | None = None
+        self._flops_per_batch: tuple[int, int] | None = None  # (unmasked, masked) steps'
         self._rng_to_restore: dict[str, Any] | None = None
         # Autoguidance's guides by path (`guide_model`): a plain dict, so no submodules, not in checkpoints.
         self._guides: dict[str, nn.Module] = {}
@@ -138,7 +150,12 @@ class DiTModule(L.LightningModule):
         if self.repa is not None:
             self.repa.encoder_to(self.device)
         batch_size = self.trainer.datamodule.batch_size if self.trainer.datamodule else 1
-        self.flops_per_batch = 3 * forward_flops(self.model) * batch_size  # forward + backward ≈ 3×
+        unmasked = masked = 3 * forward_flops(self.model) * batch_size  # forward + backward ≈ 3×
+        if self.masking.mask_ratio:
+            visible = num_kept(self.model.num_patches, self.masking.mask_ratio)
+            masked = 3 * forward_flops(self.model, visible_tokens=visible) * batch_size
+        self._flops_per_batch = (unmasked, masked)
+        self.flops_per_batch = unmasked
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -147,14 +164,37 @@ class DiTModule(L.LightningModule):
             with torch.no_grad():
                 x = self.autoencoder.encode(x)
         t, noise = self.step_noise(x)
+        keep = self.step_keep(x)
         model_fn, seen = self.model, {}
-        if self.loss_terms:  # the terms read the network's input and output of this step
+        if self.loss_terms or keep is not None:  # the terms and the reconstruction read its input and output
 
             def model_fn(x_t: torch.Tensor, t_model: torch.Tensor, **kwargs: Any) -> torch.Tensor:
                 seen.update(x_t=x_t, t=t_model, out=self.model(x_t, t_model, **kwargs))
                 return seen["out"]
 
-        losses = self.diffusion.training_losses(model_fn, x, t=t, noise=noise, model_kwargs={"y": y})
+        model_kwargs, masked = {"y": y}, {}
+        if keep is not None:
+            grid = self.model.input_size // self.model.patch_size
+            model_kwargs["keep"] = keep
+            masked["loss_mask"] = visible_pixels(keep, grid, self.model.patch_size)
+        losses = self.diffusion.training_losses(
+            model_fn, x, t=t, noise=noise, model_kwargs=model_kwargs, **masked
+        )
+        if keep is not None:
+            prediction = seen["out"][:, : x.shape[1]]
+            losses["recon"] = reconstruction_loss(prediction, seen["x_t"], keep, self.model.patch_size)
+            losses["loss"] = losses["loss"] + self.masking.recon_weight * losses["recon"]
+        elif self.model.mask_token is not None:
+            # An unmasked step leaves the mask token out, and DDP (static_graph) wants every parameter's
+            # gradient at every step: a zero from it, as MaskDiT adds.
+            losses["loss"] = losses["loss"] + 0 * self.model.mask_token.sum()
+        if self.masking.mask_ratio:
+            self.flops_per_batch = self._flops_per_batch[keep is not None] if self._flops_per_batch else None
+            visible = self.model.num_patches if keep is None else keep.shape[1]
+            self.log("train/mask_ratio", 1 - visible / self.model.num_patches)  # 0 in the fine-tune phase
+            # No masked patch in the fine-tune phase: its reconstruction loss is 0 (the logs would otherwise
+            # repeat the last masked step's value).
+            losses.setdefault("recon", torch.zeros_like(losses["loss"]))
         if self.repa is not None:
             losses["repa"] = self.repa.loss(self._repa_tokens, images)  # (N,)
             losses["loss"] = losses["loss"] + self.repa.weight * losses["repa"]
@@ -169,7 +209,7 @@ class DiTModule(L.LightningModule):
         self.nonfinite_in_a_row.copy_(torch.where(nonfinite, self.nonfinite_in_a_row + 1, 0))
         self.nonfinite_total.add_(nonfinite)
         metrics = {"train/loss": loss, "train/mse": losses["mse"].mean()}
-        for term in ("vb", "repa", *self.loss_terms):
+        for term in ("vb", "repa", "recon", *self.loss_terms):
             if term in losses:
                 metrics[f"train/{term}"] = losses[term].mean()
         self.log_dict(metrics, prog_bar=True)
@@ -190,6 +230,24 @@ class DiTModule(L.LightningModule):
         t = self.diffusion.sample_t(n * world, generator, x.device)
         noise = torch.randn((n * world, *x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)
         return t[rank * n : (rank + 1) * n], noise[rank * n : (rank + 1) * n]
+
+    def step_keep(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The visible tokens (N, K) of this rank's images at this step, each row ascending; None on an
+        unmasked step (no masking, or its fine-tune phase: `Masking.ratio_at`).
+
+        Drawn like `step_noise`'s for the whole global batch, then sliced by rank, from the generator of
+        index −1 − step of the run's seed: a stream apart from the steps' noise (index step), so a masked
+        run draws the times and noise of the unmasked run, and reproduces and resumes as exactly."""
+        if not self.masking.mask_ratio:  # no masking: nothing to draw (and no trainer read)
+            return None
+        ratio = self.masking.ratio_at(self.global_step, self.trainer.max_steps)
+        if not ratio:
+            return None
+        n, world, rank = x.shape[0], self.trainer.world_size, self.global_rank
+        tokens = self.model.num_patches
+        generator = seeded_generator(self.seed, -1 - self.global_step, x.device)
+        keep = draw_keep(n * world, tokens, num_kept(tokens, ratio), generator, x.device)
+        return keep[rank * n : (rank + 1) * n]
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -367,5 +425,23 @@ class DiTModule(L.LightningModule):
                 torch.cuda.set_rng_state_all(rng["cuda"])
 
     def complexity(self) -> dict[str, float]:
-        """Forward Gflops per sample (the paper's convention) and parameters in millions."""
-        return {"gflops": forward_flops(self.model) / 2e9, "params_m": count_params(self.model) / 1e6}
+        """Forward Gflops per sample (the paper's convention) and parameters in millions. `gflops` is the
+        unmasked forward (sampling's: the number of the paper's tables); with masked training,
+        `gflops_train_forward` is the masked training pass's (the blocks on the visible tokens, the decoder
+        on all)."""
+        summary = {"gflops": forward_flops(self.model) / 2e9, "params_m": count_params(self.model) / 1e6}
+        if self.masking.mask_ratio:
+            visible = num_kept(self.model.num_patches, self.masking.mask_ratio)
+            summary["gflops_train_forward"] = forward_flops(self.model, visible_tokens=visible) / 2e9
+        return summary
+
+    def train_compute_gflop(self, steps: int, images_per_step: int) -> float:
+        """Training compute of the first `steps` steps of `images_per_step` images each (the global batch):
+        3 × forward Gflops (forward and backward) × images, each step at the forward it runs: the masked
+        pass (`gflops_train_forward`) before masked training's fine-tune phase, the unmasked one (`gflops`)
+        otherwise. The paper's Figure 9 counts training compute; FID against it then compares a masked run
+        with an unmasked one at what each cost."""
+        summary = self.complexity()
+        masked = self.masking.masked_steps(steps, self.trainer.max_steps)
+        unmasked_compute = summary["gflops"] * 3 * ((steps - masked) * images_per_step)
+        return unmasked_compute + summary.get("gflops_train_forward", 0.0) * 3 * (masked * images_per_step)

@@ -2,6 +2,7 @@
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,7 @@ def check_values(cfg: DictConfig) -> None:
     need(isinstance(max_steps, int) and max_steps >= 1, "trainer.max_steps", max_steps, "a whole number ≥ 1")
     need(isinstance(cfg.qk_norm, bool), "qk_norm", cfg.qk_norm, "true or false")
     need(isinstance(cfg.long_skip, bool), "long_skip", cfg.long_skip, "true or false")
+    check_masking(cfg.get("masking") or {}, max_steps, need)
     if cfg.repa:
         need(
             cfg.repa.weight > 0, "repa.weight", cfg.repa.weight, "> 0 (REPA's λ: 0.5); repa=none turns it off"
@@ -73,6 +75,35 @@ def check_values(cfg: DictConfig) -> None:
     # Autoguidance's guide node, named as the user wrote it (the callbacks read it as callbacks.*.guide);
     # whether the guide fits the model is checked by the callbacks' setup, before the first step.
     SamplingSpec(**guide_options(cfg.get("guide"), "guide"))
+
+
+def check_masking(masking: Any, max_steps: int, need: Callable[[bool, str, Any, str], None]) -> None:
+    """The `masking` node's values (MaskDiT's masked training), through check_values' `need`."""
+
+    def number(value: Any) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    ratio = masking.get("mask_ratio", 0.0)
+    need(number(ratio) and 0 <= ratio < 1, "masking.mask_ratio", ratio, "in [0, 1) (MaskDiT's 0.5; 0: off)")
+    depth = masking.get("decoder_depth")
+    need(
+        depth is None or (whole(depth) and depth >= (1 if ratio else 0)),
+        "masking.decoder_depth",
+        depth,
+        f"a whole number ≥ {1 if ratio else 0}, or null (2 blocks with masking, none without)",
+    )
+    weight = masking.get("recon_weight", 0.1)
+    need(number(weight) and weight >= 0, "masking.recon_weight", weight, "≥ 0 (MaskDiT's λ: 0.1)")
+    steps = masking.get("finetune_steps", 0)
+    need(
+        whole(steps) and 0 <= steps <= max_steps,
+        "masking.finetune_steps",
+        steps,
+        f"a whole number in [0, trainer.max_steps={max_steps}] (the last steps, trained unmasked)",
+    )
 
 
 def check_target_keys(node: Any, key: str) -> None:
@@ -208,6 +239,7 @@ def build_module(cfg: DictConfig, point: DesignPoint, datamodule: Any, autoencod
         ema_decay=cfg.optim.ema_decay,
         repa=repa,
         loss_terms=loss_terms,
+        masking=point.masking(),
         compile=cfg.compile,
         seed=cfg.seed,
         info=info,

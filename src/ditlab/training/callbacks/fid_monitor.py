@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Subset
 from ditlab.diffusion.labels import check_label_sampling, labels_for
 from ditlab.diffusion.sampling import Evaluations, SamplingSpec, guide_options
 from ditlab.io import atomic_write
-from ditlab.training.callbacks.run_record import images_seen, update_run_record
+from ditlab.training.callbacks.run_record import images_seen, train_compute_gflop, update_run_record
 
 
 def datamodule_reference(
@@ -57,7 +57,8 @@ class FIDMonitor(L.Callback):
     has none), drawn once with a fixed seed; its statistics are cached (`cache_dir`). Samples are split
     across ranks (each image seeded by its index, so the set does not depend on the batch size or the
     number of processes: `ditlab.diffusion.sampling`); features are gathered and rank 0 computes the FID with torchmetrics. Logged as `fid`
-    with the run's Gflops, parameters and training compute so far (`train_compute_gflop`), and recorded
+    with the run's Gflops, parameters and training compute so far (`train_compute_gflop`: masked training's
+    masked steps counted at the masked pass, as the paper's Figure 9 counts training compute), and recorded
     in `results.json` with its wall time (`fid_seconds`; each `fid_history` point's `seconds`) and its NFE,
     the network evaluations per image it cost (`fid_nfe`, W&B's too; each point's `nfe`). Features come from the TensorFlow Inception-v3 (see `ditlab.metrics.features`).
 
@@ -360,12 +361,10 @@ class FIDMonitor(L.Callback):
         for name, values in per_seed.items():
             summary |= {f"{name}_std": statistics.stdev(values)} if several else {}
         fid = summary["fid"]
-        gflops = pl_module.complexity()["gflops"]
-        seen = images_seen(trainer)
         point = {
             "step": trainer.global_step,
-            "images_seen": seen,
-            "train_compute_gflop": gflops * 3 * seen,
+            "images_seen": images_seen(trainer),
+            "train_compute_gflop": train_compute_gflop(trainer, pl_module),
             "fid": fid,
             "nfe": self.evaluations.per_image,  # network evaluations per image (a guided step counts 2)
             "seconds": time.monotonic() - started,  # sampling, features and the reference's when not cached

@@ -30,10 +30,19 @@ def images_seen(trainer: L.Trainer) -> int:
     return trainer.global_step * trainer.datamodule.batch_size * trainer.world_size
 
 
+def train_compute_gflop(trainer: L.Trainer, pl_module: L.LightningModule) -> float:
+    """Training compute so far: 3 × forward Gflops × images seen, each step at the forward it ran
+    (`DiTModule.train_compute_gflop`: masked training's masked steps at the masked pass)."""
+    return pl_module.train_compute_gflop(
+        trainer.global_step, trainer.datamodule.batch_size * trainer.world_size
+    )
+
+
 class RunRecord(L.Callback):
     """Logs Gflops, parameters and the design-space coordinates at the start of fit (metrics, config, W&B
     summary) and keeps `<output_dir>/results.json` (coordinates, Gflops, params, the model's config,
-    precision, learning rate and EMA decay, steps, images seen, training compute = Gflops × 3 × images) up
+    precision, learning rate and EMA decay, steps, images seen, training compute = Gflops × 3 × images, each
+    step at the pass it ran: `train_compute_gflop`) up
     to date for `src/report.py`, which averages runs over seeds only where all of these are equal.
 
     The record also says how the run was made: `config` (the run's whole resolved config, set by
@@ -79,8 +88,11 @@ class RunRecord(L.Callback):
             git=git_state(),
             config=self.config,
         )
+        masked = summary.get("gflops_train_forward")
+        masked = "" if masked is None else f" ({masked:.3f} in masked training)"
         print(
             f"[ditlab] {summary['params_m']:.2f}M parameters, {summary['gflops']:.3f} Gflops per forward pass"
+            + masked
         )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -100,12 +112,10 @@ class RunRecord(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
-            seen = images_seen(trainer)
-            gflops = pl_module.complexity()["gflops"]
             update_run_record(
                 self.output_dir,
                 step=trainer.global_step,
-                images_seen=seen,
-                train_compute_gflop=gflops * 3 * seen,
+                images_seen=images_seen(trainer),
+                train_compute_gflop=train_compute_gflop(trainer, pl_module),
                 train_seconds=self.train_seconds(),
             )
