@@ -45,7 +45,9 @@ STATED = {
 
 def ran_with(campaign: str, folder: str, record: dict[str, Any]) -> tuple[str, str]:
     """(accelerator, precision) of a committed run: from its record where it holds them, else as stated."""
-    stated = next(v for prefix, v in STATED.get(campaign, {}).items() if folder.startswith(prefix))
+    stated = next(
+        (v for prefix, v in STATED.get(campaign, {}).items() if folder.startswith(prefix)), (None, None)
+    )
     config = record.get("config") or {}
     accelerator = (config.get("trainer") or {}).get("accelerator") or stated[0]
     return accelerator, record.get("precision") or stated[1]

@@ -39,7 +39,7 @@ DIT_SIZES: Registry[DiTSize] = Registry(
         # 4 blocks of d=192 at patch 4 learn Fashion-MNIST footwear in 8 minutes, 12 blocks at patch 8 do not.
         "DiT-Ti": DiTSize(depth=4, hidden_size=192, num_heads=3, in_paper=False),
         # Not in the paper: the CPU scaling study's two smaller sizes (conf/experiment/cpu_scaling.yaml). With
-        # DiT-Ti they grow as S -> B -> L do: width ×2 at equal depth, then depth ×2 and width ×1.5; heads of 64.
+        # DiT-Ti they grow as S -> B -> L do: width ×2 at equal depth, then depth ×2 and width ×1.5 (B -> L: ×4/3).
         "DiT-Nano": DiTSize(depth=2, hidden_size=64, num_heads=1, in_paper=False),
         "DiT-Micro": DiTSize(depth=2, hidden_size=128, num_heads=2, in_paper=False),
     },
