@@ -486,6 +486,8 @@ def test_command_line_writes_the_report_and_explains_a_missing_folder(table4_fol
     assert proc.returncode == 0, proc.stderr
     (out,) = (tmp_path / "reports").iterdir()  # default out: reports/<time>
     assert {p.name for p in out.iterdir()} == {
+        "scaling.json",  # the twelve points span more than three Gflops
+        "scaling.md",
         "table4.md",
         "table4.csv",
         "runs.md",
