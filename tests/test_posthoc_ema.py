@@ -1,7 +1,8 @@
 """Post-hoc EMA (EDM2): the closed forms against numerics, the reconstruction on a synthetic trajectory against
 an EMA tracked directly, the callback in a tiny training run and its exact resume, and the command's
-checkpoints through the project's loader."""
+checkpoints through the project's loader and their FID against σ_rel (fid=true) with the run's FID settings."""
 
+import json
 import math
 import os
 import re
@@ -17,6 +18,8 @@ from safetensors.torch import load_file
 from scipy.integrate import quad
 
 from ditlab.interop.checkpoints import load_dit
+from ditlab.io import content_sha256
+from ditlab.report import fid_nfe, posthoc_ema_fid
 from ditlab.training.callbacks import PostHocEMA
 from ditlab.training.posthoc_ema import (
     SIGMA_REL_MAX,
@@ -31,6 +34,9 @@ from ditlab.training.posthoc_ema import (
     solve_weights,
     write_snapshot,
 )
+from test_class_accuracy import class_accuracy
+from test_fid_nfe import config as fid_nfe_config
+from test_metrics import StubFeatures
 from test_train import TINY, needs_fashion_mnist, run_train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -254,10 +260,19 @@ def test_snapshots_and_profiles_survive_resume_exactly(tmp_path):
     assert not any("posthoc" in key for key in ckpt["state_dict"])
 
 
+@pytest.fixture(scope="module")
+def phema_run(tmp_path_factory) -> Path:
+    """A tiny run with snapshots at steps 3, 6 and the last, 7, and its FID callback (debug=tiny's: 20 samples of
+    2 DDIM steps against 30 validation images), whose settings `fid=true` scores with."""
+    run = tmp_path_factory.mktemp("phema") / "run"
+    cache = f"callbacks.fid.cache_dir={run.parent / 'cache'}"
+    run_train(run, "debug=tiny", *PHEMA, "trainer.max_steps=7", cache)
+    return run
+
+
 @needs_fashion_mnist
-def test_the_command_writes_checkpoints_the_loader_reads(tmp_path):
-    run = tmp_path / "run"
-    run_train(run, *TINY, *PHEMA, "trainer.max_steps=7")  # snapshots at 3, 6 and the last step, 7
+def test_the_command_writes_checkpoints_the_loader_reads(phema_run, tmp_path):
+    run = phema_run
     assert sorted({s.step for s in find_snapshots(run)}) == [3, 6, 7]
     proc = subprocess.run(
         [sys.executable, str(ROOT / "src" / "posthoc_ema.py"), f"run={run}", "sigma_rel=[0.07,0.2]"],
@@ -299,6 +314,83 @@ def command_config(*overrides: str):
         return compose("posthoc_ema", overrides=list(overrides))
 
 
+@pytest.fixture
+def stub_features(monkeypatch):
+    for module in (posthoc_ema_fid, fid_nfe):
+        monkeypatch.setattr(module, "InceptionFeatures", lambda *args, **kwargs: StubFeatures())
+
+
+@needs_fashion_mnist
+def test_fid_against_sigma_rel_with_the_run_s_fid_settings(phema_run, tmp_path, stub_features, monkeypatch):
+    out = tmp_path / "out"
+    overrides = [
+        f"run={phema_run}",
+        "sigma_rel=[0.05,0.2]",
+        "fid=true",
+        "num_samples=16",
+        f"out={out}",
+        "device=cpu",
+    ]
+    written = posthoc_ema_fid.run_posthoc_ema_command(
+        command_config(*overrides, "seeds=[0,1]", "save_samples=true")
+    )
+    document = json.loads((out / "posthoc_ema_fid.json").read_text())
+    points, last = document["points"], phema_run / "checkpoints" / "last.ckpt"
+    assert [(p["label"], p["sigma_rel"]) for p in points] == [
+        ("classic EMA (ema_decay=0.995)", None),
+        ("σ_rel=0.05", 0.05),
+        ("σ_rel=0.2", 0.2),
+    ]
+    assert [p["checkpoint"] for p in points] == [str(last), *map(str, written.values())]
+    assert all(p["checkpoint_sha256"] == content_sha256(p["checkpoint"]) for p in points)
+    for p in points:
+        assert math.isfinite(p["fid"]) and p["step"] == 7 and p["nfe"] == 2  # 2 unguided DDIM steps
+        assert sorted(p["fid_per_seed"]) == ["0", "1"] and p["fid_std"] > 0
+    # The run's FID settings (debug=tiny's callbacks.fid), its own reference, how it was made.
+    assert (document["sampler"], document["steps"], document["cfg_scale"]) == ("ddim", 2, 1.0)
+    assert document["num_samples"] == 16 and document["seeds"] == [0, 1] and not document["skipped"]
+    assert document["reference"].startswith("FashionMNISTDataModule val (30 images")
+    assert document["feature_network"] == StubFeatures.identity and "torch_threads" in document["device"]
+    assert document["git"]["commit"] is None or len(document["git"]["commit"]) == 40
+    table = (out / "posthoc_ema_fid.md").read_text()
+    assert "| classic EMA (ema_decay=0.995) |" in table and "| σ_rel=0.2 |" in table
+    assert (out / "fid_vs_sigma_rel.png").stat().st_size > 10_000
+    # The samples, as experiments/class_accuracy.py --samples reads them.
+    images, labels = class_accuracy.saved_samples(points[1]["samples"][1])
+    assert points[1]["samples"][1] == str(out / "samples" / f"{written[0.05].stem}_seed1.npz")
+    assert images.shape == (16, 1, 32, 32) and labels.shape == (16,)
+
+    # The classic EMA's FID is fid_nfe.py's of last.ckpt with the same settings.
+    nfe = fid_nfe_config(
+        f"ckpt={last}", "samplers=[ddim]", "steps=[2]", "seeds=[0,1]", "num_samples=16", "batch_size=10"
+    )
+    (point,) = json.loads(fid_nfe.run_fid_nfe(nfe)["json"].read_text())["points"]
+    assert point["fid_per_seed"] == pytest.approx(points[0]["fid_per_seed"], rel=1e-9, abs=0)
+
+    # A point that fails is skipped in one line; the others are scored.
+    real = posthoc_ema_fid.load_dit
+
+    def failing(path, **kwargs):
+        if "sigma_rel_0.2" in str(path):
+            raise ValueError("a checkpoint that does not load")
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(posthoc_ema_fid, "load_dit", failing)
+    posthoc_ema_fid.run_posthoc_ema_command(command_config(*overrides, "seeds=[0]"))
+    document = json.loads((out / "posthoc_ema_fid.json").read_text())
+    assert [p["label"] for p in document["points"]] == ["classic EMA (ema_decay=0.995)", "σ_rel=0.05"]
+    assert document["skipped"] == [
+        {
+            "label": "σ_rel=0.2",
+            "sigma_rel": 0.2,
+            "checkpoint": str(written[0.2]),
+            "error": "a checkpoint that does not load",
+        }
+    ]
+    assert all(len(p["fid_per_seed"]) == 1 and p["fid_std"] is None for p in document["points"])
+    assert "Skipped σ_rel=0.2: a checkpoint that does not load" in (out / "posthoc_ema_fid.md").read_text()
+
+
 def test_the_command_s_bad_input_ends_in_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     write_snapshot(
@@ -320,10 +412,52 @@ def test_the_command_s_bad_input_ends_in_one_line(tmp_path):
             (f"run={tmp_path / 'run'}", "sigma_rel=0.1", "step=4"),
             "step=4 is before the first snapshot (step 5)",
         ),
+        ((f"run={tmp_path / 'run'}", "sigma_rel=0.1", "fid=1"), "fid=1 must be true or false"),
+        (
+            (f"run={tmp_path / 'run'}", "sigma_rel=0.1", "save_samples=true"),
+            "save_samples=true keeps the samples of the FID: set fid=true too",
+        ),
+        (
+            (f"run={tmp_path / 'run'}", "sigma_rel=0.1", "fid=true", "seeds=[0,0]"),
+            "seeds=[0, 0] must be a list of distinct integers ≥ 0",
+        ),
+        (
+            (f"run={tmp_path / 'run'}", "sigma_rel=0.1", "fid=true"),
+            f"fid=true scores with the run's FID settings, but run={tmp_path / 'run'} has neither results.json",
+        ),
     ]:
         with pytest.raises((ValueError, FileNotFoundError), match=f"^{re.escape(message)}") as error:
-            run_posthoc_ema(command_config(*overrides))
+            posthoc_ema_fid.run_posthoc_ema_command(command_config(*overrides))
         assert "\n" not in str(error.value)
+    # fid=true takes the run's FID settings and its classic EMA, checked before any checkpoint is written.
+    record = tmp_path / "run" / "results.json"
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    for config, overrides, message in [
+        (
+            {"callbacks": {}},
+            (),
+            "but run=" + str(tmp_path / "run") + " trained without them (~callbacks.fid)",
+        ),
+        (
+            {"callbacks": {"fid": {"steps": 2}}},
+            (),
+            f"fid=true scores the run's classic EMA beside, but {last}",
+        ),
+        ({"callbacks": {"fid": {"steps": 2}}}, ("num_samples=1",), "num_samples=1 must be an integer ≥ 2"),
+        ({"callbacks": {"fid": {"steps": 0}}}, (), "callbacks.fid.steps=0 is out of range"),
+        ({"callbacks": {"fid": {"steps": 2}}}, ("precision=fp8",), "precision=fp8: unknown"),
+    ]:
+        record.write_text(json.dumps({"config": config}))
+        if "classic EMA" not in message:
+            last.parent.mkdir(exist_ok=True)
+            last.touch()
+        with pytest.raises(ValueError, match=re.escape(message)) as error:
+            posthoc_ema_fid.run_posthoc_ema_command(
+                command_config(f"run={tmp_path / 'run'}", "sigma_rel=0.1", "fid=true", *overrides)
+            )
+        assert "\n" not in str(error.value)
+        last.unlink(missing_ok=True)
+    assert not list((tmp_path / "run").glob("checkpoints/posthoc_ema-*"))
     (tmp_path / "run" / "posthoc_ema" / "stray.safetensors").write_bytes(b"not a tensor file")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "src" / "posthoc_ema.py"), f"run={tmp_path / 'run'}", "sigma_rel=0.1"],

@@ -42,6 +42,8 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "MLP": ("mlp", ["MLPS", "conf/mlp"]),
     "REPA": ("repa", ["conf/repa"]),
     "masked training": ("masking.mask_ratio", []),  # a number, not names
+    "post-hoc EMA": ("callbacks.posthoc_ema.enabled", ["BOOLEANS"]),
+    "MeanFlow's r ≠ t fraction": ("diffusion.fraction_r_neq_t", []),  # a number, not names
     "extra loss terms": ("loss_terms", ["LOSS_TERMS"]),
     "data": ("data", ["conf/data"]),
     "autoencoder": ("autoencoder", ["conf/autoencoder"]),

@@ -17,6 +17,7 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from ditlab.cli import error_line, resolve_device
 from ditlab.diffusion import build_objective
+from ditlab.diffusion.labels import labels_for
 from ditlab.diffusion.sampling import SAMPLERS, SamplingSpec, check_fits, guide_options
 from ditlab.interop.checkpoints import load_dit, load_guide
 from ditlab.interop.formats import LoadedDiT, describe, resolve_checkpoint
-from ditlab.interop.generation import ImageSampler, _guidance_channels
+from ditlab.interop.generation import ImageSampler, _guidance_channels, save_npz
 from ditlab.io import atomic_write, atomic_write_text, content_sha256
 from ditlab.metrics.features import InceptionFeatures
 from ditlab.metrics.fid import PrecomputedFeatures, frechet_metric
@@ -59,8 +61,15 @@ def run_config(run: Path) -> dict[str, Any]:
         return config
     saved = OmegaConf.load(run / ".hydra" / "config.yaml")
     return {
-        key: OmegaConf.to_container(saved[key], resolve=True) for key in ("data", "callbacks") if key in saved
+        key: OmegaConf.to_container(saved[key], resolve=True)
+        for key in ("data", "callbacks", "optim")
+        if key in saved
     }
+
+
+def fid_callback(config: dict[str, Any]) -> dict[str, Any]:
+    """A run config's FID callback settings (its `callbacks.fid` node; {} when it trained without one)."""
+    return (config.get("callbacks") or {}).get("fid") or {}
 
 
 def reference_stats(
@@ -73,12 +82,26 @@ def reference_stats(
             cfg.ref, net, cache_dir=cache_dir, batch_size=cfg.batch_size, device=device
         ), cache_dir
     run = run_folder(cfg.ckpt)  # not None: `_check`ed
+    return run_reference(run, net, device, cfg.batch_size, cfg.cache_dir, cfg.num_reference_images)
+
+
+def run_reference(
+    run: Path,
+    net: InceptionFeatures,
+    device: torch.device,
+    batch_size: int,
+    cache_dir: str | None = None,
+    num_reference_images: int | None = None,
+) -> tuple[ReferenceStats, str]:
+    """The run's own FID reference (and the cache folder that holds it): its FID callback's `reference`, else
+    `num_reference_images` (None: the callback's) of its datamodule's validation images, statistics cached
+    in `cache_dir` (None: the callback's), as in training."""
     config = run_config(run)
-    fid = (config.get("callbacks") or {}).get("fid") or {}
-    cache_dir = cfg.cache_dir or fid.get("cache_dir") or DEFAULT_CACHE_DIR
+    fid = fid_callback(config)
+    cache_dir = cache_dir or fid.get("cache_dir") or DEFAULT_CACHE_DIR
     if fid.get("reference"):
         reference = load_reference(
-            fid["reference"], net, cache_dir=cache_dir, batch_size=cfg.batch_size, device=device
+            fid["reference"], net, cache_dir=cache_dir, batch_size=batch_size, device=device
         )
         return reference, cache_dir
     from hydra.utils import instantiate
@@ -91,8 +114,8 @@ def reference_stats(
             f"the run {run} trained on latents: give the images to score against, ref=<an ADM .npz | an image folder>"
         )
     datamodule.prepare_data()
-    count = cfg.num_reference_images or fid.get("num_reference_images") or 10_000
-    return datamodule_reference(datamodule, net, count, cache_dir, cfg.batch_size, device), cache_dir
+    count = num_reference_images or fid.get("num_reference_images") or 10_000
+    return datamodule_reference(datamodule, net, count, cache_dir, batch_size, device), cache_dir
 
 
 @torch.no_grad()
@@ -107,9 +130,12 @@ def fid_point(
     device: torch.device,
     autoencoder: Any,
     guide: torch.nn.Module | None = None,
+    labels: str = "uniform",
+    samples: Callable[[int], Path] | None = None,
 ) -> dict[str, Any]:
     """The FID of `num_samples` images per sampling seed as `spec` samples them (with `guide`, the loaded
-    guide that `spec.guide` names), and their NFE."""
+    guide that `spec.guide` names; `labels` the FID protocol's label sampling, uniform or balanced), and their
+    NFE. With `samples`, each seed's images are also kept in `samples(seed)`, an `.npz` as sample.py writes."""
     started = time.monotonic()
     fids, rows, images = {}, 0, 0
     for seed in seeds:
@@ -117,9 +143,16 @@ def fid_point(
             loaded, replace(spec, seed=seed), device=device, autoencoder=autoencoder, guide=guide
         )
         metric = frechet_metric(PrecomputedFeatures(net.num_features), reference.mu, reference.sigma)
+        kept: list[tuple[torch.Tensor, torch.Tensor]] = []
         for start in range(0, num_samples, batch_size):
-            pixels, _ = sampler(range(start, min(start + batch_size, num_samples)))  # (N, H, W, 3) uint8
+            indices = range(start, min(start + batch_size, num_samples))
+            classes = labels_for(labels, indices, loaded.model.num_classes, device)  # uniform: None, drawn
+            pixels, drawn = sampler(indices, classes)  # (N, H, W, 3) uint8
             metric.update(net(pixels.permute(0, 3, 1, 2)).double().cpu(), real=False)
+            if samples is not None:
+                kept.append((pixels.cpu(), drawn.cpu()))
+        if samples is not None:
+            save_npz(samples(seed), *(torch.cat(k).numpy() for k in zip(*kept, strict=True)))
         fid = metric.compute().item()
         if not math.isfinite(fid):
             raise ValueError(f"the FID of sampling seed {seed} is {fid} (non-finite samples?)")

@@ -231,3 +231,40 @@ def plot_fid_vs_nfe(points: Sequence[dict[str, Any]], title: str = "", fid_label
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     return fig
+
+
+def plot_fid_vs_sigma_rel(
+    points: Sequence[dict[str, Any]],
+    baseline: dict[str, Any] | None = None,
+    title: str = "",
+    fid_label: str = "FID",
+) -> Figure:
+    """FID against the relative standard deviation σ_rel (log x) of post-hoc EMA reconstructions
+    (`src/posthoc_ema.py fid=true`): `points` have `sigma_rel` and `fid_per_seed` (sampling seed -> FID),
+    markers at the mean over the seeds, bars over their range. `baseline` (the run's classic EMA, with
+    `label` and `fid_per_seed`) is a horizontal line at its mean, with a band over its seeds' range."""
+    if not points:
+        raise ValueError("no σ_rel has an FID, so there is nothing to plot against σ_rel")
+    fig, ax = new_figure()
+    line = sorted(points, key=lambda p: p["sigma_rel"])
+    x = [p["sigma_rel"] for p in line]
+    spreads = [Spread(tuple(p["fid_per_seed"].values())) for p in line]
+    ax.plot(x, [s.mean for s in spreads], color=COLOURS[1], marker=MARKERS[1], label="post-hoc EMA")
+    _error_bars(ax, x, spreads, COLOURS[1])
+    log_x(ax, x)
+    if len(x) <= 8:  # the few σ_rel a sweep picks, labelled as given (log_x's round values can miss them)
+        ax.set_xticks(x, [f"{v:g}" for v in x])
+        ax.xaxis.set_minor_locator(NullLocator())
+    if baseline is not None:
+        spread = Spread(tuple(baseline["fid_per_seed"].values()))
+        ax.axhline(spread.mean, color=COLOURS[0], linestyle="--", label=baseline["label"])
+        if spread.n > 1:
+            ax.axhspan(spread.low, spread.high, color=COLOURS[0], alpha=0.2, linewidth=0)
+    seeds = sorted({len(p["fid_per_seed"]) for p in [*points, *([baseline] if baseline else [])]})
+    note = f" (mean and range over {'/'.join(map(str, seeds))} sampling seeds)" if seeds[-1] > 1 else ""
+    ax.set_xlabel("σ_rel of the EMA profile (relative standard deviation)")
+    ax.set_ylabel(fid_label)
+    ax.set_title(textwrap.fill((title or "FID vs. σ_rel") + note, 70), fontsize="medium")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    return fig

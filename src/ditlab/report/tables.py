@@ -117,7 +117,8 @@ def run_fid_cell(value: float | None, std: float | None) -> str:
     return _fmt(value, 2) if value is None or std is None else f"{value:.2f} ± {std:.2f}"
 
 
-def _markdown(header: list[str], lines: list[list[str]]) -> str:
+def markdown_table(header: list[str], lines: list[list[str]]) -> str:
+    """A markdown table: the first column left-aligned, the others right-aligned (numbers)."""
     rows = [header, ["---" if i == 0 else "---:" for i in range(len(header))], *lines]
     return "\n".join("| " + " | ".join(row) + " |" for row in rows) + "\n"
 
@@ -179,7 +180,7 @@ def table4_markdown(records: Sequence[RunResult]) -> str:
                 + [_fmt(at[p].gflops, 2) if p in at else "—" for p in patches]
                 + [low if low == high else f"{low}–{high}"]
             )
-        text.append(f"### {BLOCK_NAMES.get(block, block)}\n\n{_markdown(header, lines)}")
+        text.append(f"### {BLOCK_NAMES.get(block, block)}\n\n{markdown_table(header, lines)}")
     caption = fid_caption(records)
     return "\n".join(text) + (f"\n{caption}\n" if caption else "")
 
@@ -202,7 +203,7 @@ def block_markdown(records: Sequence[RunResult]) -> str:
         for p in points
     ]
     note = variant_note(points)
-    return _markdown(header, lines) + (f"\n{note}\n" if note else "")
+    return markdown_table(header, lines) + (f"\n{note}\n" if note else "")
 
 
 def runs_markdown(records: Sequence[RunResult]) -> str:
@@ -228,7 +229,7 @@ def runs_markdown(records: Sequence[RunResult]) -> str:
         ]
         for r in records
     ]
-    return _markdown(header, lines)
+    return markdown_table(header, lines)
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:

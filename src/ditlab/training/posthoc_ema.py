@@ -280,8 +280,8 @@ def write_checkpoint(path: Path, state_dict: dict[str, Tensor], header: dict[str
 def run_posthoc_ema(cfg: DictConfig) -> dict[str, Any]:
     """The body of `src/posthoc_ema.py` (options: conf/posthoc_ema.yaml): for each σ_rel of `cfg.sigma_rel`,
     the EMA of that profile at `cfg.step` (null: the last snapshot's) reconstructed from the snapshots of
-    the run `cfg.run`, written as a checkpoint into `cfg.out` (null: `<run>/checkpoints`). Returns
-    {σ_rel: the checkpoint's path}."""
+    the run `cfg.run`, written as a checkpoint into `cfg.out` (null: `<run>/checkpoints`). Returns {σ_rel: the
+    checkpoint's path}. (`fid=true`'s scoring is the report layer's: `ditlab.report.posthoc_ema_fid`.)"""
     sigma_rels = _sigma_rels(cfg.sigma_rel)
     snapshots = find_snapshots(cfg.run)
     last = snapshots[-1].step
