@@ -1,14 +1,16 @@
 """One short training run per value of each axis the paper's successors added, on this machine: does it
 train (its loss falls) and sample? Every run is the CPU demo's point (DiT-Ti/4 adaLN-Zero on Fashion-MNIST,
 the demo's optimiser) for `--steps` steps with one axis changed; the interpolant's samplers each sample the
-`sit_linear` run's checkpoint through `src/sample.py`.
+`sit_linear` run's checkpoint, MeanFlow's one- and two-step sampler the `meanflow` run's, through
+`src/sample.py`.
 
     python experiments/successor_smoke.py [--steps 300] [--out experiments/results/successor_axes]
 
-Writes `<out>/smoke.json` and `smoke.md` (per run: the mean loss of the first and of the last 10% of the
-logged steps, seconds, the final guided grid) and `<out>/grids/`. A run's loss is its objective's own
-(DDPM's L_simple + L_vlb, the interpolant's velocity/noise/score MSE): compare a run with itself, not
-across objectives.
+Writes `<out>/smoke.json` and `smoke.md` (per run: the mean of train/mse over the first and over the last
+10% of the logged steps, seconds, the final guided grid) and `<out>/grids/`. train/mse is the prediction's
+squared error against its objective's own target (DDPM's L_simple, the interpolant's velocity/noise/score/data
+error, MeanFlow's unweighted ‖Δ‖²: its adaptively weighted loss sits near 1 by design; with masking the visible
+pixels' error, the fine-tune's over all): compare a run with itself, not across objectives.
 """
 
 import argparse
@@ -40,20 +42,48 @@ RUNS: dict[str, list[str]] = {  # name -> the overrides that set the axis value
     "qk_norm=true": ["qk_norm=true"],
     "mlp=swiglu": ["mlp=swiglu"],
     "repa=random_vit": ["repa=random_vit"],
+    "diffusion.predict=data": ["diffusion=sit_linear", "diffusion.predict=data"],
+    "diffusion.predict=data, patch=8": ["diffusion=sit_linear", "diffusion.predict=data", "patch=8"],
+    "diffusion.predict=data, diffusion.loss=x": [
+        "diffusion=sit_linear",
+        "diffusion.predict=data",
+        "diffusion.loss=x",
+    ],
+    "diffusion.time_shift=3": ["diffusion=sit_linear", "diffusion.time_shift=3"],
+    "loss_terms.cosine_velocity=1": ["diffusion=sit_linear", "loss_terms.cosine_velocity=1"],
+    "loss_terms.dispersive=0.5": ["loss_terms.dispersive=0.5"],
+    "long_skip=true": ["long_skip=true"],
+    "masking.mask_ratio=0.5 (last 10% unmasked)": [
+        "masking.mask_ratio=0.5",
+        "masking.finetune_steps={tenth}",
+    ],
+    "callbacks.posthoc_ema.enabled=true": ["callbacks.posthoc_ema.enabled=true"],
+    "diffusion=meanflow": ["diffusion=meanflow"],
 }
-SAMPLERS = {"euler": 50, "heun": 25, "dopri5": 50, "euler_maruyama": 50}  # steps: ~50 model evaluations
+# (run, sampler, steps, sampler options): the interpolant's samplers at ~50 model evaluations on the
+# sit_linear run, its Euler grid shifted towards the noise, and MeanFlow's one- and two-step sampling.
+SAMPLERS: list[tuple[str, str, int, dict[str, int | float]]] = [
+    ("diffusion=sit_linear", "euler", 50, {}),
+    ("diffusion=sit_linear", "heun", 25, {}),
+    ("diffusion=sit_linear", "dopri5", 50, {}),
+    ("diffusion=sit_linear", "euler_maruyama", 50, {}),
+    ("diffusion=sit_linear", "euler", 50, {"time_shift": 3}),
+    ("diffusion=meanflow", "meanflow", 1, {}),
+    ("diffusion=meanflow", "meanflow", 2, {}),
+]
 
 
 def losses(run_dir: Path) -> list[float]:
-    """train/loss of every logged step (CSV logger)."""
+    """train/mse of every logged step (CSV logger)."""
     values = []
     for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
         with path.open() as f:
-            values += [float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")]
+            values += [float(row["train/mse"]) for row in csv.DictReader(f) if row.get("train/mse")]
     return values
 
 
 def train(name: str, overrides: list[str], steps: int, run_dir: Path) -> dict:
+    overrides = [o.format(tenth=max(1, steps // 10)) for o in overrides]
     args = [
         sys.executable,
         str(ROOT / "src" / "train.py"),
@@ -86,7 +116,7 @@ def train(name: str, overrides: list[str], steps: int, run_dir: Path) -> dict:
     }
 
 
-def sample_with(sampler: str, steps: int, ckpt: Path, out: Path) -> dict:
+def sample_with(sampler: str, steps: int, options: dict[str, int | float], ckpt: Path, out: Path) -> dict:
     args = [
         sys.executable,
         str(ROOT / "src" / "sample.py"),
@@ -99,20 +129,27 @@ def sample_with(sampler: str, steps: int, ckpt: Path, out: Path) -> dict:
         "cfg_scale=4",
         f"hydra.run.dir={out.parent}",
         "progress=false",
+        *(f"++sampler.options.{key}={value}" for key, value in options.items()),
     ]
     start = time.perf_counter()
     proc = subprocess.run(args, capture_output=True, text=True)
     if proc.returncode != 0:
-        return {"sampler": sampler, "error": proc.stderr.strip().splitlines()[-1:]}
+        return {"sampler": sampler, "options": options, "error": proc.stderr.strip().splitlines()[-1:]}
     seconds = time.perf_counter() - start
-    return {"sampler": sampler, "steps": steps, "seconds": seconds, "grid": str(out.with_suffix(".png"))}
+    return {
+        "sampler": sampler,
+        "options": options,
+        "steps": steps,
+        "seconds": seconds,
+        "grid": str(out.with_suffix(".png")),
+    }
 
 
 def markdown(record: dict) -> str:
     lines = [
         f"Short runs, {record['steps']} steps each, on {record['machine']} ({record['date']}).",
         "",
-        "| run | loss, first 10% of steps | loss, last 10% | falls | seconds |",
+        "| run | MSE, first 10% of steps | MSE, last 10% | falls | seconds |",
         "|---|---|---|---|---|",
     ]
     for r in record["runs"]:
@@ -123,13 +160,14 @@ def markdown(record: dict) -> str:
                 f"| {r['name']} | {r['loss_first']:.4f} | {r['loss_last']:.4f} | "
                 f"{'yes' if r['loss_falls'] else 'NO'} | {r['seconds']:.0f} |"
             )
-    lines += ["", "Samplers on the `diffusion=sit_linear` run (cfg 4, 4 per class):", ""]
-    lines += ["| sampler | steps | seconds |", "|---|---|---|"]
+    lines += ["", "Samplers on the runs' checkpoints (cfg 4, 4 per class):", ""]
+    lines += ["| run | sampler | steps | seconds |", "|---|---|---|---|"]
     for s in record["samplers"]:
+        name = s["sampler"] + "".join(f", {key} {value}" for key, value in s["options"].items())
         if "error" in s:
-            lines.append(f"| {s['sampler']} | error: {' '.join(s['error'])} | |")
+            lines.append(f"| {s['run']} | {name} | error: {' '.join(s['error'])} | |")
         else:
-            lines.append(f"| {s['sampler']} | {s['steps']} | {s['seconds']:.0f} |")
+            lines.append(f"| {s['run']} | {name} | {s['steps']} | {s['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -150,13 +188,17 @@ def main() -> None:
             result["grid"] = f"grids/{i:02d}.png"
         print(json.dumps(result), flush=True)
         runs.append(result)
-    flow_ckpt = args.work / "01" / "checkpoints" / "last.ckpt"
     samplers = []
-    for sampler, steps in SAMPLERS.items():
-        result = sample_with(sampler, steps, flow_ckpt, args.work / "samplers" / f"{sampler}.npz")
+    for run, sampler, steps, options in SAMPLERS:
+        ckpt = args.work / f"{list(RUNS).index(run):02d}" / "checkpoints" / "last.ckpt"
+        name = f"{sampler}-{steps}" + "".join(f"-{key}{value}" for key, value in options.items())
+        result = {
+            "run": run,
+            **sample_with(sampler, steps, options, ckpt, args.work / "samplers" / f"{name}.npz"),
+        }
         if "grid" in result:
-            shutil.copy(result["grid"], grids / f"sampler-{sampler}.png")
-            result["grid"] = f"grids/sampler-{sampler}.png"
+            shutil.copy(result["grid"], grids / f"sampler-{name}.png")
+            result["grid"] = f"grids/sampler-{name}.png"
         print(json.dumps(result), flush=True)
         samplers.append(result)
     record = {

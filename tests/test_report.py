@@ -675,6 +675,34 @@ def test_a_command_line_sweep_replaces_the_presets_list():
     assert points(configs) == [("adaln_zero", "DiT-B", 2), ("adaln_zero", "DiT-B", 4)]
 
 
+def multirun(tmp_path: Path, experiment: str, *overrides: str) -> Path:
+    """`python src/train.py -m experiment=<experiment> <overrides>` in a subprocess, as a user runs it, into
+    tmp_path/sweep; asserts it succeeded and returns the sweep folder."""
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "src" / "train.py"),
+            "-m",
+            f"experiment={experiment}",
+            *overrides,
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return sweep
+
+
+# A CPU campaign shrunk: every run 2 steps of the tiny point with a 20-sample FID at steps 1 and 2.
+SHRUNK = ("debug=tiny", "optim.max_steps=2", "callbacks.fid.every_n_steps=1", "logger=none")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="apt-get install dataset-fashion-mnist"
@@ -695,23 +723,12 @@ def test_a_real_multirun_launches_the_presets_grid(tmp_path):
         "callbacks.sample_grid.per_class=1",
         "callbacks.sample_grid.max_classes=2",
         "callbacks.sample_grid.every_n_steps=0",
-        "~callbacks.fid",
-        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        "~callbacks.fid",  # the preset's FID-10K with the TF Inception would take hours on a CPU
     ]
-    # No FID: the preset's FID-10K with the TF Inception would take hours on a CPU.
-    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "src" / "train.py"), "-m", "experiment=fmnist_block_ablation", *tiny],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    sweep = multirun(tmp_path, "fmnist_block_ablation", *tiny)
+    runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert runs == [f"{i}_{b}-DiT-Ti-p8" for i, b in enumerate(BLOCKS)]
-    assert all((tmp_path / "sweep" / run / "checkpoints" / "last.ckpt").is_file() for run in runs)
+    assert all((sweep / run / "checkpoints" / "last.ckpt").is_file() for run in runs)
 
 
 @pytest.mark.slow
@@ -721,32 +738,15 @@ def test_a_real_multirun_launches_the_presets_grid(tmp_path):
 def test_the_cpu_campaign_shrunk_runs_through_a_real_multirun_and_the_report(tmp_path):
     """experiment=cpu_design_space with every run shrunk (2 steps, a 20-sample FID at steps 1 and 2):
     12 runs, each record with its coordinates and seed, every point in the tables, error bars from seeds."""
-    shrunk = [
-        "debug=tiny",
-        "optim.max_steps=2",
-        "callbacks.fid.every_n_steps=1",
-        "logger=none",
-        f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        f"callbacks.fid.cache_dir={tmp_path / 'cache'}",
-    ]
-    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "src" / "train.py"), "-m", "experiment=cpu_design_space", *shrunk],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    records = load_records(tmp_path / "sweep")
+    sweep = multirun(tmp_path, "cpu_design_space", *SHRUNK, f"callbacks.fid.cache_dir={tmp_path / 'cache'}")
+    records = load_records(sweep)
     assert [(r.block, r.model, r.patch, r.seed) for r in records] == sorted(
         [(*point, seed) for point in CPU_POINTS for seed in (0, 1)],
         key=lambda p: (BLOCKS.index(p[0]), -p[2], p[3]),
     )
     assert all(r.step == 2 and [p["step"] for p in r.fid_history] == [1, 2] for r in records)
     assert all(len(list((Path(r.source).parent / "samples").glob("fid_step*.npz"))) == 2 for r in records)
-    proc = run_report_cli(f"runs={tmp_path / 'sweep'}", f"out={tmp_path / 'report'}", cwd=tmp_path)
+    proc = run_report_cli(f"runs={sweep}", f"out={tmp_path / 'report'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     table = (tmp_path / "report" / "table4.md").read_text()
     blocks = (tmp_path / "report" / "blocks.md").read_text()
@@ -766,33 +766,50 @@ def test_the_cpu_campaign_shrunk_runs_through_a_real_multirun_and_the_report(tmp
 def test_the_cpu_scaling_campaign_shrunk_runs_through_a_real_multirun_and_the_report(tmp_path):
     """experiment=cpu_scaling shrunk (one seed, 2 steps, a 20-sample FID at steps 1 and 2): nine runs, one
     per size and patch, and a report with the scaling measurements over the nine points."""
-    shrunk = [
-        "debug=tiny",
-        "optim.max_steps=2",
-        "callbacks.fid.every_n_steps=1",
-        "seed=0",
-        "logger=none",
-        f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        f"callbacks.fid.cache_dir={tmp_path / 'cache'}",
-    ]
-    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "src" / "train.py"), "-m", "experiment=cpu_scaling", *shrunk],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
+    sweep = multirun(
+        tmp_path, "cpu_scaling", *SHRUNK, "seed=0", f"callbacks.fid.cache_dir={tmp_path / 'cache'}"
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    records = load_records(tmp_path / "sweep")
+    records = load_records(sweep)
     sizes = ("DiT-Nano", "DiT-Micro", "DiT-Ti")
     assert sorted((r.model, r.patch) for r in records) == sorted(itertools.product(sizes, (8, 4, 2)))
     assert all(r.step == 2 and [p["step"] for p in r.fid_history] == [1, 2] for r in records)
-    proc = run_report_cli(f"runs={tmp_path / 'sweep'}", f"out={tmp_path / 'report'}", cwd=tmp_path)
+    proc = run_report_cli(f"runs={sweep}", f"out={tmp_path / 'report'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     table = (tmp_path / "report" / "table4.md").read_text()
     assert all(f"| {size} " in table for size in sizes)  # then the axes off their defaults: the FID sampler
     (group,) = json.loads((tmp_path / "report" / "scaling.json").read_text())["groups"]
     assert len(group["points"]) == 9 and set(group["compute_to_reach"]["by_size"]) == set(sizes)
     assert all((tmp_path / "report" / f).is_file() for f in ("fid_vs_gflops.png", "fid_vs_compute.png"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="apt-get install dataset-fashion-mnist"
+)
+def test_the_cpu_next_axes_campaign_shrunk_runs_through_a_real_multirun_and_the_report(tmp_path):
+    """experiment=cpu_next_axes shrunk (one seed, 2 steps, one unmasked fine-tune step; every point sets its
+    patch over debug=tiny's): six runs, one per point, each keeping post-hoc EMA snapshots, and a report that
+    tells the points apart."""
+    sweep = multirun(
+        tmp_path,
+        "cpu_next_axes",
+        *SHRUNK,
+        "seed=0",
+        "masking.finetune_steps=1",
+        f"callbacks.fid.cache_dir={tmp_path / 'cache'}",
+    )
+    records = [json.loads(path.read_text()) for path in sorted(sweep.glob("*/results.json"))]
+    coordinates = [r["coordinates"] for r in records]
+    assert sorted((c["patch"], c["objective"], c["predict"], c["mask_ratio"]) for c in coordinates) == [
+        (4, "meanflow", None, 0.0),
+        (4, "sit_linear", "data", 0.0),
+        (4, "sit_linear", "velocity", 0.0),
+        (4, "sit_linear", "velocity", 0.5),
+        (8, "sit_linear", "data", 0.0),
+        (8, "sit_linear", "velocity", 0.0),
+    ]
+    assert all(len(list(run.glob("posthoc_ema/*.safetensors"))) == 4 for run in sweep.glob("*_*"))
+    proc = run_report_cli(f"runs={sweep}", f"out={tmp_path / 'report'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    table = (tmp_path / "report" / "table4.md").read_text()
+    assert all(axis in table for axis in ("objective=meanflow", "predict=data", "mask_ratio=0.5"))

@@ -1,5 +1,5 @@
 """Post-hoc EMA (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion Models",
-EDM2, Section 3 and Appendix C): the math, the snapshot files, and the body of `src/posthoc_ema.py`.
+EDM2, Section 3 and Appendix C): the math, the snapshot files, and the reconstruction `src/posthoc_ema.py` runs.
 
 A power-function EMA averages the weights θ(τ) of training time τ ∈ (0, t] with the profile
 
@@ -248,7 +248,7 @@ def reconstruct(snapshots: Sequence[Snapshot], weights: Sequence[float]) -> dict
     return state_dict
 
 
-# ---- the command (src/posthoc_ema.py) ----------------------------------------------------------------
+# ---- the reconstruction of src/posthoc_ema.py ----------------------------------------------------------------
 
 
 def _sigma_rels(value: Any) -> list[float]:
@@ -278,7 +278,7 @@ def write_checkpoint(path: Path, state_dict: dict[str, Tensor], header: dict[str
 
 
 def run_posthoc_ema(cfg: DictConfig) -> dict[str, Any]:
-    """The body of `src/posthoc_ema.py` (options: conf/posthoc_ema.yaml): for each σ_rel of `cfg.sigma_rel`,
+    """The reconstruction of `src/posthoc_ema.py` (options: conf/posthoc_ema.yaml): for each σ_rel of `cfg.sigma_rel`,
     the EMA of that profile at `cfg.step` (null: the last snapshot's) reconstructed from the snapshots of
     the run `cfg.run`, written as a checkpoint into `cfg.out` (null: `<run>/checkpoints`). Returns {σ_rel: the
     checkpoint's path}. (`fid=true`'s scoring is the report layer's: `ditlab.report.posthoc_ema_fid`.)"""
