@@ -402,7 +402,7 @@ def test_runs_of_one_point_that_differ_in_more_than_the_seed_are_separate_rows(
     assert len(report.group_points(load_records(write_records(tmp_path / "same_seed", same_seed)))) == 2
 
 
-@pytest.mark.parametrize("campaign", ["cpu_design_space", "cpu_scaling", "cpu_successors"])
+@pytest.mark.parametrize("campaign", ["cpu_design_space", "cpu_scaling", "cpu_successors", "cpu_next_axes"])
 def test_the_committed_campaigns_still_give_their_committed_report(campaign):
     folder = ROOT / "experiments" / "results" / campaign
     records = load_records(folder)

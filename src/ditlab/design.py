@@ -10,7 +10,7 @@ run folder), `results.json`'s coordinates, the checkpoint header and the report'
 import importlib
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -219,7 +219,10 @@ class DesignPoint:
         """The point a composed run config (conf/train.yaml and its groups) describes."""
         built_in = {f.name: f.metadata["axis"].read(cfg) for f in fields(cls) if "axis" in f.metadata}
         user = {name: axis.read(cfg) for name, axis in AXES.items() if name not in built_in}
-        return cls(**built_in, objective_options=_container(cfg.diffusion), user_axes=user)
+        point = cls(**built_in, objective_options=_container(cfg.diffusion), user_axes=user)
+        if point.sampler == "auto":  # the objective's own sampler: the coordinate names the one that runs
+            point = replace(point, sampler=point.build_objective().default_sampler)
+        return point
 
     def coordinates(self) -> dict[str, Any]:
         """The point as logged to W&B config and tags and kept in results.json and the checkpoint header:

@@ -283,11 +283,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.global_batch_size = cfg.optim.global_batch_size
     datamodule.seed = cfg.seed
     autoencoder = instantiate(cfg.autoencoder)
-    point = DesignPoint.from_config(cfg)
+    point = DesignPoint.from_config(cfg)  # its `sampler` coordinate: the one that runs ("auto" resolved)
     if cfg.sampler.name == "auto":  # the objective's own; the grid and FID callbacks read sampler.name
         with open_dict(cfg):
             cfg.sampler.name = point.build_objective().default_sampler
-        point = DesignPoint.from_config(cfg)  # its `sampler` coordinate: the one that runs
     module = build_module(cfg, point, datamodule, autoencoder)
 
     hydra_cfg = HydraConfig.get()
