@@ -7,8 +7,10 @@
 # - post-hoc EMA: FID against σ_rel of the two sit_linear runs, reconstructed from their snapshots, beside their
 #   classic EMA (EMA 0.995) scored the same way (the run's protocol: Euler 50, FID-500, sampling seed 0; bf16
 #   autocast as in training), the samples kept for the class scores: posthoc_ema/<run>/;
-# - MeanFlow's one- and two-step FID-500 by fid_nfe.py (sampling seed 0): meanflow_steps/<run>/;
-# - the class scores of every set of samples: class_scores.json, class_scores_posthoc_ema.json;
+# - MeanFlow's one- and two-step FID-500 by fid_nfe.py (sampling seed 0): meanflow_steps/<run>/, and 500
+#   unguided two-step samples by sample.py for their class scores;
+# - the class scores of every set of samples: class_scores.json, class_scores_posthoc_ema.json,
+#   class_scores_meanflow_2steps.json;
 # - the sweep's report: report/.
 # About 25 minutes on a 2-core Xeon after the sweep (~90 minutes).
 set -euo pipefail
@@ -35,7 +37,13 @@ for run in "$SWEEP"/*_adaln_zero-DiT-Ti-p4+meanflow*; do
   $PY src/fid_nfe.py ckpt="$run/checkpoints/last.ckpt" 'samplers=[meanflow]' 'steps=[1,2]' num_samples=500 \
     'seeds=[0]' precision=bf16 out="$OUT/meanflow_steps/$(basename "$run")"
 done
+for run in "$SWEEP"/*_adaln_zero-DiT-Ti-p4+meanflow*; do  # 500 unguided 2-step samples for the class scores
+  $PY src/sample.py ckpt="$run/checkpoints/last.ckpt" steps=2 num_samples=500 cfg_scale=1 precision=bf16 png=false \
+    progress=false out="$run/samples/meanflow_2steps"
+done
 $PY experiments/class_accuracy.py --samples "$SWEEP"/*/samples/fid_step*.npz --json "$OUT/class_scores.json"
+$PY experiments/class_accuracy.py --samples "$SWEEP"/*/samples/meanflow_2steps.npz \
+  --json "$OUT/class_scores_meanflow_2steps.json"
 $PY experiments/class_accuracy.py --samples "$SWEEP"/*_adaln_zero-DiT-Ti-p4+sit_linear/checkpoints/samples/*.npz \
   --json "$OUT/class_scores_posthoc_ema.json"
 $PY src/report.py runs="$OUT" out="$OUT/report"
