@@ -344,11 +344,22 @@ def run_fid_nfe(cfg: DictConfig) -> dict[str, Path]:
         label = f"FID ({cfg.num_samples} samples)"
         figure = plot_fid_vs_nfe(points, title=title, fid_label=label)
         written["png"] = atomic_write(out / FIGURE_FILE, lambda f: figure.savefig(f, format="png"))
+    return summarize(points, skipped, written, lambda p: f"{p['sampler']:<16} {p['steps'] or '-':>5} steps")
+
+
+def summarize(
+    points: list[dict[str, Any]],
+    skipped: list[dict[str, Any]],
+    written: dict[str, Path],
+    name: Callable[[dict[str, Any]], str],
+) -> dict[str, Path]:
+    """A sweep of FID points ends with its summary (each point's `name` and FID, each skipped one's error, the
+    files written) and returns `written`; ValueError when every point failed."""
     print(f"\n{len(points)} point(s), {len(skipped)} skipped:")
     for p in points:
-        print(f"  {p['sampler']:<16} {p['steps'] or '-':>5} steps  NFE {p['nfe']:>7.1f}  FID {p['fid']:8.2f}")
+        print(f"  {name(p)}  NFE {p['nfe']:>7.1f}  FID {p['fid']:8.2f}")
     for p in skipped:
-        print(f"  {p['sampler']:<16} {p['steps'] or '-':>5} steps  skipped: {p['error']}")
+        print(f"  {name(p)}  skipped: {p['error']}")
     for kind, path in written.items():
         print(f"{kind}: {path}")
     if not points:

@@ -31,7 +31,7 @@ from ditlab.interop.formats import describe
 from ditlab.io import atomic_write, atomic_write_text, content_sha256
 from ditlab.metrics.features import InceptionFeatures
 from ditlab.provenance import describe_device, git_state, versions
-from ditlab.report.fid_nfe import fid_callback, fid_point, run_config, run_reference
+from ditlab.report.fid_nfe import fid_callback, fid_point, run_config, run_reference, summarize
 from ditlab.report.figures import plot_fid_vs_sigma_rel
 from ditlab.report.records import Spread
 from ditlab.report.tables import fid_cell, markdown_table
@@ -235,16 +235,7 @@ def score_posthoc_ema(
         label = f"FID ({scoring.num_samples} samples)"
         figure = plot_fid_vs_sigma_rel(reconstructions, baseline, title=title, fid_label=label)
         written["png"] = atomic_write(out / FIGURE_FILE, lambda f: figure.savefig(f, format="png"))
-    print(f"\n{len(points)} point(s), {len(skipped)} skipped:")
-    for p in points:
-        print(f"  {p['label']:<32} FID {p['fid']:8.2f}")
-    for p in skipped:
-        print(f"  {p['label']:<32} skipped: {p['error']}")
-    for kind, path in written.items():
-        print(f"{kind}: {path}")
-    if not points:
-        raise ValueError(f"every point failed ({len(skipped)}); see the lines above and {written['json']}")
-    return written
+    return summarize(points, skipped, written, lambda p: f"{p['label']:<32}")
 
 
 def fid_markdown(document: dict[str, Any], title: str) -> str:
