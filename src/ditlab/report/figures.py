@@ -223,14 +223,19 @@ def plot_fid_vs_nfe(points: Sequence[dict[str, Any]], title: str = "", fid_label
         ax.plot(x, [s.mean for s in spreads], color=colour, marker=marker, label=sampler)
         _error_bars(ax, x, spreads, colour)
     log_x(ax, [p["nfe"] for p in points])
-    seeds = sorted({len(p["fid_per_seed"]) for p in points})
-    note = f" (mean and range over {'/'.join(map(str, seeds))} sampling seeds)" if seeds[-1] > 1 else ""
+    note = _seeds_note(points)
     ax.set_xlabel("network evaluations per image (NFE; a guided step counts 2)")
     ax.set_ylabel(fid_label)
     ax.set_title(textwrap.fill((title or "FID vs. NFE") + note, 70), fontsize="medium")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     return fig
+
+
+def _seeds_note(points: Sequence[dict[str, Any]]) -> str:
+    """A title's note on the sampling seeds behind each marker ("" when every point has one)."""
+    seeds = sorted({len(p["fid_per_seed"]) for p in points})
+    return f" (mean and range over {'/'.join(map(str, seeds))} sampling seeds)" if seeds[-1] > 1 else ""
 
 
 def plot_fid_vs_sigma_rel(
@@ -260,8 +265,7 @@ def plot_fid_vs_sigma_rel(
         ax.axhline(spread.mean, color=COLOURS[0], linestyle="--", label=baseline["label"])
         if spread.n > 1:
             ax.axhspan(spread.low, spread.high, color=COLOURS[0], alpha=0.2, linewidth=0)
-    seeds = sorted({len(p["fid_per_seed"]) for p in [*points, *([baseline] if baseline else [])]})
-    note = f" (mean and range over {'/'.join(map(str, seeds))} sampling seeds)" if seeds[-1] > 1 else ""
+    note = _seeds_note([*points, *([baseline] if baseline else [])])
     ax.set_xlabel("σ_rel of the EMA profile (relative standard deviation)")
     ax.set_ylabel(fid_label)
     ax.set_title(textwrap.fill((title or "FID vs. σ_rel") + note, 70), fontsize="medium")
